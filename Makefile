@@ -1,0 +1,38 @@
+# ProCrop: `make demo` and `make test` set everything up on first use.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bootstrapped
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	./scripts/bootstrap.sh
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with everything
+
+demo: $(STAMP)  ## the main job on real sample photos
+	$(VENV)/bin/procrop demo
+
+test: $(STAMP)  ## the whole test suite (starts its own S3 server and Milvus Lite)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)  ## tests without the slow ones
+	$(PY) -m pytest -m "not slow and not weights"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy shared services procrop
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)  ## every benchmark; each prints JSON
+	$(PY) benchmarks/bench_lite_encoder.py
+	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

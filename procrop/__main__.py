@@ -1,0 +1,3 @@
+from procrop.cli import main
+
+main()

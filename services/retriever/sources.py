@@ -1,0 +1,47 @@
+"""Where photos to index come from: a local folder, or an `s3://bucket/prefix` of an S3 server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ProCropError
+from shared.images import is_image_name, read_bytes
+from shared.settings import Settings
+from shared.storage import build_object_store, parse_s3_uri
+
+
+@dataclass(frozen=True)
+class PhotoRef:
+    """A photo to read: `name` is its path relative to the source (matches annotation files)."""
+
+    name: str
+    uri: str
+    read: Callable[[], bytes]
+
+
+def list_photos(source: str, settings: Settings) -> list[PhotoRef]:
+    """Every JPEG / PNG / WebP under `source` (a folder or `s3://bucket/prefix`), sorted by name."""
+    if source.startswith("s3://"):
+        return _s3_photos(source, settings)
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise ProCropError(f"{source}: no such folder (expected a folder or s3://bucket/prefix)")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and is_image_name(p.name))
+    return [
+        PhotoRef(p.relative_to(root).as_posix(), str(p), lambda p=p: read_bytes(p)) for p in paths
+    ]
+
+
+def _s3_photos(source: str, settings: Settings) -> list[PhotoRef]:
+    bucket, prefix = parse_s3_uri(source)
+    if settings.storage.backend != "s3":
+        raise ProCropError(f"{source}: set PROCROP_STORAGE__BACKEND=s3 (and its endpoint) to read S3")
+    store = build_object_store(settings, bucket=bucket, create_bucket=False)
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    return [
+        PhotoRef(key[len(base) :], store.uri(key), lambda key=key: store.get(key))
+        for key in store.list(base)
+        if is_image_name(key)
+    ]

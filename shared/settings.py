@@ -1,0 +1,111 @@
+"""Runtime configuration: one typed settings object, read from `PROCROP_*` environment variables.
+
+Nested fields use `__`: `PROCROP_STORAGE__BACKEND=s3`, `PROCROP_MILVUS__URI=http://milvus:19530`.
+Invalid values fail at start with a `SettingsError` that names the environment variable.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import SettingsError
+
+ENV_PREFIX = "PROCROP_"
+
+
+class StorageSettings(BaseModel):
+    """Object storage for images, tokens, features, manifests and checkpoints (see shared/storage)."""
+
+    backend: Literal["local", "s3"] = "local"  # local: a folder with S3 semantics (embedded mode)
+    root: Path | None = None  # local backend folder; default $PROCROP_HOME/objects
+    endpoint: str = "127.0.0.1:9000"  # S3 host:port, no scheme
+    access_key: str = ""
+    secret_key: SecretStr = SecretStr("")
+    bucket: str = "procrop"
+    secure: bool = False  # https when true
+    region: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _no_scheme(cls, value: str) -> str:
+        if "://" in value or "/" in value:
+            raise ValueError(f"expected host:port without scheme or path, got {value!r}")
+        return value
+
+
+class MilvusSettings(BaseModel):
+    """The composition index: Milvus Lite in a file (default) or any Milvus URI."""
+
+    uri: str | None = None  # default: $PROCROP_HOME/milvus.db (Milvus Lite, one process)
+    token: SecretStr = SecretStr("")  # "user:password" or an API key for a Milvus server
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class EmbedderSettings(BaseModel):
+    """Composition encoders (services/embedder)."""
+
+    encoder: Literal["lite", "sam"] = "lite"
+    sam_variant: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
+    sam_checkpoint: str | None = None  # a local .pth file, or an object-store key
+    blip_model: str = "Salesforce/blip-itm-base-coco"  # image-text model for the multimodal embedding
+    blip_caption_model: str = "Salesforce/blip-image-captioning-base"  # hub id or local folder
+    device: str = "auto"  # "auto" picks cuda when available
+    batch_size: int = Field(default=8, ge=1, le=256)
+
+
+class Settings(BaseSettings):
+    """Everything a ProCrop process reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    home: Path = Path("~/.procrop")  # embedded state: Milvus Lite file, local object store
+    profile: Literal["lite", "paper"] = "lite"
+    max_image_pixels: int = Field(default=50_000_000, gt=0)  # decompression-bomb guard
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    storage: StorageSettings = StorageSettings()
+    milvus: MilvusSettings = MilvusSettings()
+    embedder: EmbedderSettings = EmbedderSettings()
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def storage_root(self) -> Path:
+        """Folder of the local object store."""
+        return (self.storage.root or self.home / "objects").expanduser()
+
+    @property
+    def milvus_uri(self) -> str:
+        """Milvus URI: a server address, or the Milvus Lite file under `home`."""
+        return self.milvus.uri or str(self.home / "milvus.db")
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (and keyword overrides); raise `SettingsError` if invalid."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_env_name(err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
