@@ -97,7 +97,8 @@ def _spectral_residual(luma: np.ndarray, size: int = 64) -> np.ndarray:
     log_amplitude = np.log(np.abs(spectrum) + 1e-6)
     residual = log_amplitude - _box_blur(log_amplitude, 1)
     saliency = np.abs(np.fft.ifft2(np.exp(residual + 1j * np.angle(spectrum)))) ** 2
-    return _box_blur(_box_blur(saliency, 2), 2)
+    saliency = _box_blur(_box_blur(saliency, 2), 2)
+    return saliency / (saliency.mean() + 1e-12)  # raw values are ~1e-5: rescale before z-scoring
 
 
 def _colour_distinctness(lab: np.ndarray) -> np.ndarray:
