@@ -7,6 +7,7 @@ Invalid values fail at start with a `SettingsError` that names the environment v
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.errors import SettingsError
 
 ENV_PREFIX = "PROCROP_"
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class StorageSettings(BaseModel):
@@ -32,9 +34,19 @@ class StorageSettings(BaseModel):
 
     @field_validator("endpoint")
     @classmethod
-    def _no_scheme(cls, value: str) -> str:
+    def _host_port(cls, value: str) -> str:
         if "://" in value or "/" in value:
             raise ValueError(f"expected host:port without scheme or path, got {value!r}")
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port with a port in 1-65535, got {value!r}")
+        return value
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not _BUCKET.fullmatch(value):
+            raise ValueError("an S3 bucket name: 3-63 lowercase letters, digits, '.' or '-'")
         return value
 
 

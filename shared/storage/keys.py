@@ -11,7 +11,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,254}$")
 
 def check_collection_name(name: str) -> str:
     """Collection names follow Milvus rules (letter first, then letters, digits, '_')."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ProCropError(
             f"invalid collection name {name!r}: start with a letter, then letters, digits or '_'"
         )

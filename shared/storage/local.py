@@ -10,6 +10,8 @@ from pathlib import Path
 from shared.errors import ObjectNotFoundError, StorageError
 from shared.storage.base import ObjectStore, check_key
 
+_TMP_PREFIX = ".procrop-tmp-"  # in-flight writes; never listed
+
 
 class LocalObjectStore(ObjectStore):
     """Objects as files under `root`; the key is the relative path."""
@@ -29,11 +31,15 @@ class LocalObjectStore(ObjectStore):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Write beside the target, then rename: readers never see a partial object.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.uri(key)}: {exc}") from None
+        try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, path)
         except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
             raise StorageError(f"cannot write {self.uri(key)}: {exc}") from None
 
     def get(self, key: str) -> bytes:
@@ -53,7 +59,7 @@ class LocalObjectStore(ObjectStore):
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in files:
                 key = name if rel == "." else f"{rel}/{name}"
-                if key.startswith(prefix) and not name.startswith("."):
+                if key.startswith(prefix) and not name.startswith(_TMP_PREFIX):
                     keys.append(key)
         yield from sorted(keys)
 

@@ -43,14 +43,17 @@ class S3ObjectStore(ObjectStore):
         retries: int = 2,
     ) -> None:
         self.endpoint, self.bucket = endpoint, bucket
-        self.client = Minio(
-            endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
-            secure=secure,
-            region=region,
-            http_client=_http_client(connect_timeout_s, retries),
-        )
+        try:
+            self.client = Minio(
+                endpoint,
+                access_key=access_key,
+                secret_key=secret_key,
+                secure=secure,
+                region=region,
+                http_client=_http_client(connect_timeout_s, retries),
+            )
+        except ValueError as exc:
+            raise StorageError(f"invalid S3 endpoint {endpoint!r}: {exc}") from None
         self._create_bucket = create_bucket
         self._bucket_checked = False
 
@@ -67,6 +70,8 @@ class S3ObjectStore(ObjectStore):
                     f"S3 at {self.endpoint} refused the credentials for {what} {where} ({exc.code})"
                 ) from None
             raise StorageError(f"S3 {what} {where} failed: {exc.code}: {exc.message}") from None
+        except ValueError as exc:  # minio validates names (bucket, key) client-side
+            raise StorageError(f"S3 {what} {where} refused: {exc}") from None
         except (urllib3.exceptions.HTTPError, MinioException, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise StorageError(

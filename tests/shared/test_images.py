@@ -1,0 +1,199 @@
+"""Safe photo decoding: formats, EXIF orientation, modes, one clear error per bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.errors import InvalidImageError
+from shared.images import content_hash, decode_image, is_image_name, load_image
+
+ORIENTATION = 0x0112
+
+
+def _encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` RGB pixels, with a bogus 16-byte IDAT."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", b"\x00" * 16)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_decode_formats_to_rgb_of_right_size(fmt: str) -> None:
+    source = _noise(40, 24)
+    decoded = decode_image(_encode(source, fmt, quality=95), name="photo")
+    assert decoded.mode == "RGB"
+    assert decoded.size == (40, 24)
+
+
+def test_png_decodes_losslessly() -> None:
+    source = _noise(17, 9, seed=4)
+    decoded = decode_image(_encode(source, "PNG"))
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(source))
+
+
+@pytest.mark.parametrize(
+    ("orientation", "top_color", "bottom_color"),
+    [(6, "red", "blue"), (8, "blue", "red")],  # 6: rotate 90° clockwise; 8: counter-clockwise
+)
+def test_exif_orientation_is_applied(orientation: int, top_color: str, bottom_color: str) -> None:
+    stored = Image.new("RGB", (64, 32), "blue")
+    stored.paste((255, 0, 0), (0, 0, 32, 32))  # left half red, right half blue
+    exif = stored.getexif()
+    exif[ORIENTATION] = orientation
+    decoded = decode_image(_encode(stored, "JPEG", exif=exif, quality=95))
+    assert decoded.size == (32, 64)  # upright: width and height swapped
+    colors = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+    for (x, y), name in (((16, 8), top_color), ((16, 56), bottom_color)):
+        np.testing.assert_allclose(decoded.getpixel((x, y)), colors[name], atol=8)
+
+
+def test_exif_orientation_1_keeps_size() -> None:
+    stored = _noise(30, 20)
+    exif = stored.getexif()
+    exif[ORIENTATION] = 1
+    assert decode_image(_encode(stored, "JPEG", exif=exif)).size == (30, 20)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "1", "I;16"])
+def test_other_png_modes_become_rgb(mode: str) -> None:
+    source = _noise(12, 10).convert(mode) if mode != "I;16" else Image.new("I;16", (12, 10), 300)
+    decoded = decode_image(_encode(source, "PNG"))
+    assert decoded.mode == "RGB"
+    assert decoded.size == (12, 10)
+
+
+def test_grayscale_stays_gray() -> None:
+    gray = Image.new("L", (5, 5), 77)
+    decoded = np.asarray(decode_image(_encode(gray, "PNG")))
+    assert (decoded == 77).all()
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    decoded = decode_image(_encode(Image.new("CMYK", (8, 6)), "JPEG"))
+    assert decoded.mode == "RGB" and decoded.size == (8, 6)
+
+
+def _truncated_jpeg() -> bytes:
+    data = _encode(_noise(64, 64), "JPEG", quality=90)
+    return data[: len(data) // 2]
+
+
+def _truncated_png() -> bytes:
+    data = _encode(_noise(64, 64), "PNG")
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (np.random.default_rng(5).bytes(2000), "not a readable"),
+        (_truncated_jpeg(), "truncated"),
+        (_truncated_png(), "truncated"),
+        (_encode(_noise(8, 8), "BMP"), "unsupported format BMP"),
+        (_encode(_noise(8, 8), "GIF"), "unsupported format GIF"),
+        (_encode(_noise(8, 8), "TIFF"), "unsupported format TIFF"),
+    ],
+    ids=["zero-bytes", "random-bytes", "truncated-jpeg", "truncated-png", "bmp", "gif", "tiff"],
+)
+def test_bad_bytes_raise_invalid_image_error_naming_the_photo(data: bytes, reason: str) -> None:
+    with pytest.raises(InvalidImageError, match=reason) as info:
+        decode_image(data, name="uploads/bad-photo.jpg")
+    assert "uploads/bad-photo.jpg" in str(info.value)
+    assert info.value.__cause__ is None  # no raw PIL exception chained for callers to see
+
+
+def test_pixel_cap_boundary() -> None:
+    data = _encode(_noise(64, 48), "PNG")
+    assert decode_image(data, max_pixels=64 * 48).size == (64, 48)
+    with pytest.raises(InvalidImageError, match="over the limit") as info:
+        decode_image(data, name="big.png", max_pixels=64 * 48 - 1)
+    assert "big.png" in str(info.value)
+    assert "64x48" in str(info.value)
+
+
+def test_pixel_cap_checked_before_decoding() -> None:
+    # The header claims 10000 x 10000 but the pixel data is bogus: had it been decoded first,
+    # the error would be "corrupt"; the cap must refuse it from the header alone.
+    data = _png_header_only(10_000, 10_000)
+    assert len(data) < 100
+    with pytest.raises(InvalidImageError, match="over the limit") as info:
+        decode_image(data, name="bomb.png", max_pixels=50_000_000)
+    assert "bomb.png" in str(info.value)
+    assert "PROCROP_MAX_IMAGE_PIXELS" in str(info.value)
+
+
+def test_header_past_pil_bomb_limit_is_refused() -> None:
+    with pytest.raises(InvalidImageError, match="too large") as info:
+        decode_image(_png_header_only(20_000, 20_000), name="huge.png")
+    assert "huge.png" in str(info.value)
+
+
+def test_load_image_reads_file(tmp_path: Path) -> None:
+    path = tmp_path / "photo.webp"
+    path.write_bytes(_encode(_noise(20, 30), "WEBP"))
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (20, 30)
+
+
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_load_image_unreadable_path(tmp_path: Path, what: str) -> None:
+    path = tmp_path / "nope.jpg"
+    if what == "directory":
+        path.mkdir()
+    with pytest.raises(InvalidImageError, match="cannot read file") as info:
+        load_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_image_error_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(InvalidImageError, match="empty") as info:
+        load_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_content_hash_is_stable_sha256() -> None:
+    data = _encode(_noise(8, 8), "PNG")
+    assert content_hash(data) == content_hash(bytes(data)) == hashlib.sha256(data).hexdigest()
+    assert len(content_hash(data)) == 64
+    assert content_hash(data) != content_hash(data + b"\x00")
+    assert content_hash(b"") == hashlib.sha256(b"").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("a.jpg", True), ("b/C.JPEG", True), ("x.png", True), ("y.WebP", True), ("z.gif", False),
+     ("jpg", False), ("notes.txt", False)],
+)  # fmt: skip
+def test_is_image_name(name: str, expected: bool) -> None:
+    assert is_image_name(name) is expected
