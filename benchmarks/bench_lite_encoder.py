@@ -38,8 +38,8 @@ def bench_sam(photos: list[Image.Image], runs: int) -> dict[str, float] | None:
     from services.embedder.sam import SamCompositionEncoder
 
     torch.manual_seed(0)
-    model = sam_model_registry["vit_b"](checkpoint=None).eval()
-    encoder = SamCompositionEncoder(model, variant="vit_b", device="cpu", batch_size=1)
+    model = sam_model_registry["vit_b"](checkpoint=None).eval()  # random weights, real arithmetic
+    encoder = SamCompositionEncoder(model, variant="vit_b", version="random", batch_size=1)
     photo = photos[0]
     return summary(timings_ms(lambda: encoder.encode([photo]), repeat=runs, warmup=1))
 

@@ -32,7 +32,7 @@ def summary(ms: np.ndarray) -> dict[str, float]:
         "p50_ms": round(float(np.percentile(ms, 50)), 3),
         "p95_ms": round(float(np.percentile(ms, 95)), 3),
         "mean_ms": round(float(ms.mean()), 3),
-        "n": int(len(ms)),
+        "n": len(ms),
     }
 
 

@@ -80,10 +80,17 @@ def _open(settings: Settings) -> tuple[Any, Any]:
 @cli.command("index")
 @click.argument("source")
 @click.option("--collection", "-c", required=True, help="Collection to create or extend.")
-@click.option("--encoder", type=click.Choice(["lite", "sam"]), default=None,
-              help="Composition encoder [default: PROCROP_EMBEDDER__ENCODER, else lite].")
-@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
-              help="Crop annotations (FCDB format) to store with the photos.")
+@click.option(
+    "--encoder",
+    type=click.Choice(["lite", "sam"]),
+    default=None,
+    help="Composition encoder [default: PROCROP_EMBEDDER__ENCODER, else lite].",
+)
+@click.option(
+    "--annotations",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Crop annotations (FCDB format) to store with the photos.",
+)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @pass_settings
 @handle_errors
@@ -142,8 +149,14 @@ def _retriever(settings: Settings, collection: str) -> Any:
 @cli.command("search")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--collection", "-c", required=True, help="Collection to search.")
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000),
-              help="Neighbours per photo.")
+@click.option(
+    "-k",
+    "k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Neighbours per photo.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per photo on stdout.")
 @pass_settings
 @handle_errors
@@ -192,8 +205,13 @@ def _format_neighbors(path: str, neighbors: list[Any], as_json: bool) -> str:
 @click.argument("source")
 @click.option("--collection", "-c", required=True, help="Collection to search.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, writable=True),
-              help="JSON file to write.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True),
+    help="JSON file to write.",
+)
 @pass_settings
 @handle_errors
 def relations_cmd(settings: Settings, source: str, collection: str, k: int, out: str) -> None:

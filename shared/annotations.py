@@ -41,7 +41,9 @@ def load_fcdb(path: str | Path) -> dict[str, AnnotatedPhoto]:
         raise ProCropError(f"{path}: not an FCDB annotation file ({exc})") from None
     valid = {p.image: p for p in photos if p is not None}
     if len(valid) < len(photos):
-        log.warning("%s: skipped %d crops that lie outside their photo", path, len(photos) - len(valid))
+        log.warning(
+            "%s: skipped %d crops that lie outside their photo", path, len(photos) - len(valid)
+        )
     return valid
 
 
@@ -59,7 +61,9 @@ def _fcdb_record(record: dict) -> AnnotatedPhoto | None:
     return AnnotatedPhoto(str(record["image"]), width, height, (crop,))  # type: ignore[arg-type]
 
 
-def fixed_split(names: list[str], n_val: int = 200, seed: int = 2026) -> tuple[list[str], list[str]]:
+def fixed_split(
+    names: list[str], n_val: int = 200, seed: int = 2026
+) -> tuple[list[str], list[str]]:
     """Split photo names into (train, val) the same way on every machine: sort, then shuffle by seed."""
     ordered = sorted(names)
     order = np.random.default_rng(seed).permutation(len(ordered))

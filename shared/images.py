@@ -15,7 +15,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shared.errors import InvalidImageError
 
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO"})  # MPO: multi-picture JPEG from cameras
+SUPPORTED_FORMATS = frozenset(
+    {"JPEG", "PNG", "WEBP", "MPO"}
+)  # MPO: multi-picture JPEG from cameras
 DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 

@@ -63,8 +63,10 @@ class EmbedderSettings(BaseModel):
 
     encoder: Literal["lite", "sam"] = "lite"
     sam_variant: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
-    sam_checkpoint: str | None = None  # a local .pth file, or an object-store key
-    blip_model: str = "Salesforce/blip-itm-base-coco"  # image-text model for the multimodal embedding
+    sam_checkpoint: str | None = None  # path of a local SAM .pth checkpoint
+    blip_model: str = (
+        "Salesforce/blip-itm-base-coco"  # image-text model for the multimodal embedding
+    )
     blip_caption_model: str = "Salesforce/blip-image-captioning-base"  # hub id or local folder
     device: str = "auto"  # "auto" picks cuda when available
     batch_size: int = Field(default=8, ge=1, le=256)

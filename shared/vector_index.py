@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -202,37 +203,30 @@ class VectorIndex:
     def count(self, name: str) -> int:
         self.metadata(name)
         rows = self._call(
-            "count", lambda: self._client.query(self._ready(name), filter="", output_fields=["count(*)"])
+            "count",
+            lambda: self._client.query(self._ready(name), filter="", output_fields=["count(*)"]),
         )
         return int(rows[0]["count(*)"])
 
     def existing_hashes(self, name: str, hashes: Iterable[str]) -> set[str]:
         """Which of `hashes` are already in the collection (looked up by primary key)."""
-        wanted = {photo_id(h): h for h in hashes}
-        found: set[str] = set()
-        ids = list(wanted)
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
-            rows = self._call(
-                "lookup", lambda c=chunk: self._client.get(self._ready(name), ids=c, output_fields=["id"])
-            )
-            found.update(wanted[int(r["id"])] for r in rows)
-        return found
+        return {row["content_hash"] for row in self._get(name, hashes, ["content_hash"])}
 
     def vectors(self, name: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored index vectors of those `hashes` that are in the collection."""
+        rows = self._get(name, hashes, ["vector", "content_hash"])
+        return {row["content_hash"]: np.asarray(row["vector"], np.float32) for row in rows}
+
+    def _get(self, name: str, hashes: Iterable[str], fields: list[str]) -> list[dict[str, Any]]:
+        """Rows of the photos with these sha256s, by primary key, in chunks of 1000."""
         ids = [photo_id(h) for h in hashes]
-        out: dict[str, np.ndarray] = {}
+        rows: list[dict[str, Any]] = []
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
-            rows = self._call(
-                "lookup",
-                lambda c=chunk: self._client.get(
-                    self._ready(name), ids=c, output_fields=["vector", "content_hash"]
-                ),
+            rows += self._call(
+                "lookup", partial(self._client.get, self._ready(name), chunk, fields)
             )
-            out.update({r["content_hash"]: np.asarray(r["vector"], np.float32) for r in rows})
-        return out
+        return rows
 
     def upsert(self, name: str, photos: Sequence[IndexedPhoto]) -> None:
         """Insert or replace rows (keyed by content hash: upserting twice changes nothing)."""

@@ -35,7 +35,9 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 @pytest.fixture
-def s3_settings(settings: Settings, s3_server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def s3_settings(
+    settings: Settings, s3_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
     """Settings pointing at the loopback S3 server, with a bucket of this test's own."""
     env = {
         "PROCROP_STORAGE__BACKEND": "s3",

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from services.embedder.sam import resolve_device
+from shared.devices import resolve_device
 from shared.errors import ModelLoadError, SettingsError
 from shared.settings import EmbedderSettings
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
+_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError)  # what from_pretrained raises
 ENC_TOKEN = "[ENC]"  # BLIP's marker for image-grounded encoding, used where the tokenizer has it
 
 
@@ -76,21 +77,24 @@ def load_blip(
 ) -> tuple[ModelT, BlipProcessor]:
     """Load a BLIP model and its processor from a local folder or a hub id, in eval mode, float32.
 
-    An existing folder is read with `local_files_only` (no network); a path-like argument that is
-    not a folder fails at once; anything else is a hub id (the local hub cache is tried first).
+    An existing folder is read without network; a path-like argument that is not a folder fails at
+    once. A hub id is read from the local hub cache, else downloaded (offline, with
+    `HF_HUB_OFFLINE` unset, huggingface_hub retries for minutes before it gives up).
 
     Raises:
         ModelLoadError: nothing to load, or the weights do not fill every tensor of `model_class`.
     """
     source, local = _resolve_source(name_or_path)
     try:
-        processor = BlipProcessor.from_pretrained(source, local_files_only=local)
-        model, info = model_class.from_pretrained(
-            source, local_files_only=local, dtype=torch.float32, output_loading_info=True
-        )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load BLIP model from {source}: {first}") from None
+        model, processor, info = _read_pretrained(model_class, source, local_files_only=True)
+    except _READ_ERRORS as exc:
+        if local:
+            raise _load_error(source, exc) from None
+        logger.info("%s is not in the local hub cache; downloading it", source)
+        try:
+            model, processor, info = _read_pretrained(model_class, source, local_files_only=False)
+        except _READ_ERRORS as exc:
+            raise _load_error(source, exc) from None
     # transformers fills missing or mis-shaped tensors with random values and only warns
     misfits = sorted(str(key) for key in (*info["missing_keys"], *info["mismatched_keys"]))
     if misfits:
@@ -99,7 +103,27 @@ def load_blip(
             f"{len(misfits)} tensors missing or mis-shaped, e.g. {misfits[0]}"
         )
     logger.info("loaded %s from %s", model_class.__name__, source)
-    return model.to(resolve_device(device)).eval(), processor
+    module: torch.nn.Module = model  # transformers' typed wrapper of `to` confuses type checkers
+    module.to(resolve_device(device)).eval()  # in place
+    return model, processor
+
+
+def _read_pretrained(
+    model_class: type[ModelT], source: str, local_files_only: bool
+) -> tuple[ModelT, BlipProcessor, dict[str, Any]]:
+    """`from_pretrained` of the processor and the model; also returns transformers' loading info."""
+    processor = BlipProcessor.from_pretrained(source, local_files_only=local_files_only)
+    loaded = model_class.from_pretrained(
+        source, local_files_only=local_files_only, dtype=torch.float32, output_loading_info=True
+    )
+    model, info = cast(tuple[ModelT, dict[str, Any]], loaded)  # with output_loading_info
+    return model, processor, info
+
+
+def _load_error(source: str, exc: Exception) -> ModelLoadError:
+    """A one-line `ModelLoadError` from a transformers / huggingface_hub failure."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(f"cannot load BLIP model from {source}: {first}")
 
 
 def _resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
@@ -116,7 +140,7 @@ def _resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
 
 
 class BlipTextEmbedder:
-    """Captions photos with BLIP and embeds (photo, text) pairs with BLIP's image-grounded encoder."""
+    """Captions photos with BLIP; embeds (photo, text) pairs with BLIP's image-grounded encoder."""
 
     def __init__(
         self,
@@ -151,10 +175,10 @@ class BlipTextEmbedder:
     @property
     def embed_dim(self) -> int:
         """D, the width of the multimodal tokens (768 for BLIP base)."""
-        return int(self.matcher.config.text_config.hidden_size)
+        return int(self.matcher.text_encoder.config.hidden_size)
 
     def caption(self, images: Sequence[Image.Image]) -> list[str]:
-        """One caption per photo, in order (lower case, special tokens removed)."""
+        """One caption per photo, in order; a `prompt`, if set, starts every caption."""
         captions: list[str] = []
         for start in range(0, len(images), self.batch_size):
             captions += self._caption_batch(images[start : start + self.batch_size])
@@ -184,7 +208,9 @@ class BlipTextEmbedder:
         if len(images) != len(texts):
             raise ValueError(f"got {len(images)} images but {len(texts)} texts")
         if not images:
-            return MultimodalEmbedding(np.zeros((0, 1, self.embed_dim), np.float32), np.ones((0, 1), bool))
+            return MultimodalEmbedding(
+                np.zeros((0, 1, self.embed_dim), np.float32), np.ones((0, 1), bool)
+            )
         input_ids, attention_mask = self._tokenize(texts)  # (B, L) each
         tokens = np.concatenate(
             [

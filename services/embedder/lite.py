@@ -48,7 +48,7 @@ class LiteCompositionEncoder(CompositionEncoder):
 
 def describe(image: Image.Image) -> np.ndarray:
     """One RGB photo -> (64, d) float32 tokens, each channel z-scored over the 64 cells."""
-    rgb = np.asarray(image.convert("RGB").resize((WORK_SIZE, WORK_SIZE), Image.BILINEAR))
+    rgb = np.asarray(image.convert("RGB").resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR))
     rgb = rgb.astype(np.float32) / 255.0  # (S, S, 3) in [0, 1]
     maps = _cue_maps(rgb)  # {name: (S, S)} per-pixel cues, or (GRID, GRID) per-cell cues
     cells = np.stack([_cell_mean(maps[name]) for name in CHANNELS], axis=-1)  # (8, 8, d)

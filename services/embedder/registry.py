@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from shared.errors import ProCropError
-from shared.settings import EmbedderSettings
-
 from services.embedder.base import CompositionEncoder
 from services.embedder.lite import LiteCompositionEncoder
+from shared.errors import ProCropError
+from shared.settings import EmbedderSettings
 
 ENCODERS = ("lite", "sam")
 

@@ -24,6 +24,7 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from services.embedder.base import GRID, CompositionEncoder, Embedding, tokens_to_vector
+from shared.devices import resolve_device
 from shared.errors import ModelLoadError, SettingsError
 from shared.settings import EmbedderSettings
 
@@ -46,26 +47,12 @@ def _build_sam_vit_tiny(checkpoint: str | None = None) -> Sam:
     )
 
 
-# Variant name -> builder of a `Sam` with random weights; segment-anything's own registry plus a tiny
-# variant. Builders take `checkpoint=None`; `load_sam` loads the weights itself (see there why).
+# Variant name -> builder of a `Sam` with random weights: segment-anything's own registry plus a
+# tiny variant. `load_sam` calls them with `checkpoint=None` and loads the weights itself.
 SAM_BUILDERS: dict[str, Callable[..., Sam]] = {
     **sam_model_registry,
     "vit_tiny": _build_sam_vit_tiny,
 }
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is parsed by `torch.device`.
-
-    Raises:
-        ValueError: `device` is not a device name torch knows.
-    """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown torch device {device!r}: {exc}") from None
 
 
 def load_sam(variant: str, checkpoint: str | Path, device: str | torch.device = "auto") -> Sam:
@@ -79,7 +66,9 @@ def load_sam(variant: str, checkpoint: str | Path, device: str | torch.device = 
         ModelLoadError: unknown variant, missing or unreadable file, or weights of another shape.
     """
     if variant not in SAM_BUILDERS:
-        raise ModelLoadError(f"unknown SAM variant {variant!r}; expected one of {sorted(SAM_BUILDERS)}")
+        raise ModelLoadError(
+            f"unknown SAM variant {variant!r}; expected one of {sorted(SAM_BUILDERS)}"
+        )
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"SAM checkpoint not found: {path}")
@@ -88,12 +77,32 @@ def load_sam(variant: str, checkpoint: str | Path, device: str | torch.device = 
     except Exception as exc:  # torch.load raises many types (pickle, zip, EOF, runtime)
         raise ModelLoadError(f"unreadable SAM checkpoint {path}: {exc}") from None
     sam = SAM_BUILDERS[variant](checkpoint=None)
-    try:
-        sam.load_state_dict(state_dict)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelLoadError(f"SAM checkpoint {path} does not fit variant {variant!r}: {first}") from None
+    misfit = _state_dict_misfit(sam, state_dict)
+    if misfit:
+        raise ModelLoadError(f"SAM checkpoint {path} does not fit variant {variant!r}: {misfit}")
+    sam.load_state_dict(state_dict)
     return sam.to(resolve_device(device)).eval()
+
+
+def _state_dict_misfit(model: torch.nn.Module, state_dict: object) -> str | None:
+    """What keeps `state_dict` from loading strictly into `model`, in one line; None if it fits."""
+    if not isinstance(state_dict, dict):
+        return f"expected a state dict, got {type(state_dict).__name__}"
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    reshaped = [
+        f"{key} {tuple(state_dict[key].shape)} != {tuple(expected[key].shape)}"
+        for key in sorted(expected.keys() & state_dict.keys())
+        if getattr(state_dict[key], "shape", None) != expected[key].shape
+    ]
+    if not (missing or unexpected or reshaped):
+        return None
+    example = (reshaped or missing or unexpected)[0]
+    return (
+        f"{len(missing)} tensors missing, {len(unexpected)} unexpected, "
+        f"{len(reshaped)} of another shape (e.g. {example})"
+    )
 
 
 def file_digest(path: str | Path, length: int = 12) -> str:
@@ -126,14 +135,14 @@ def pool_valid_region(
 class SamCompositionEncoder(CompositionEncoder):
     """Composition tokens from SAM's image encoder: (B, 64, 256) tokens and (B, 256) index vectors.
 
-    Like `SamPredictor`, it keeps only what embedding an image needs: the ViT image encoder and the
-    pixel normalization; the prompt encoder and mask decoder are dropped.
+    It keeps only what embedding a photo needs, the ViT image encoder and the pixel normalization;
+    the prompt encoder and mask decoder are dropped.
     """
 
     token_dim = 256
 
     def __init__(self, sam: Sam, *, variant: str, version: str, batch_size: int = 8) -> None:
-        """Wrap a loaded `sam` (any device) as encoder `sam-<variant>`; `version` names its weights."""
+        """Wrap a loaded `sam` (on any device) as `sam-<variant>`; `version` names its weights."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.name = f"sam-{variant}"
@@ -154,7 +163,7 @@ class SamCompositionEncoder(CompositionEncoder):
         device: str | torch.device = "auto",
         batch_size: int = 8,
     ) -> SamCompositionEncoder:
-        """Load SAM `variant` from a local `.pth` file (see `load_sam`); version = pooling + digest."""
+        """Load `variant` from a local `.pth` file (see `load_sam`); version: pooling + digest."""
         sam = load_sam(variant, checkpoint, device)
         version = f"{POOLING}-{file_digest(Path(checkpoint).expanduser())}"
         logger.info("loaded SAM %s from %s (version %s)", variant, checkpoint, version)
@@ -165,7 +174,7 @@ class SamCompositionEncoder(CompositionEncoder):
         return self.pixel_mean.device
 
     def _encode(self, images: Sequence[Image.Image]) -> Embedding:
-        """Encode photos in batches of `batch_size`; tokens (B, 64, 256), vectors (B, 256) float32."""
+        """Encode in batches of `batch_size`: tokens (B, 64, 256), vectors (B, 256), float32."""
         tokens = np.concatenate(
             [
                 self._encode_batch(images[start : start + self.batch_size])
@@ -207,7 +216,8 @@ def build_sam_encoder(settings: EmbedderSettings) -> SamCompositionEncoder:
     """
     if settings.sam_checkpoint is None:
         raise ModelLoadError(
-            "no SAM checkpoint configured: set PROCROP_EMBEDDER__SAM_CHECKPOINT to a local .pth file"
+            "no SAM checkpoint configured: "
+            "set PROCROP_EMBEDDER__SAM_CHECKPOINT to a local .pth file"
         )
     try:
         device = resolve_device(settings.device)

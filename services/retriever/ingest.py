@@ -170,4 +170,3 @@ def _read(ref: PhotoRef) -> tuple[PhotoRef, bytes | str]:
     if not data:
         return ref, f"{ref.uri}: empty file (0 bytes)"
     return ref, data
-

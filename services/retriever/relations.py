@@ -46,7 +46,9 @@ def compute_relations(
         data = [ref.read() for ref in batch]
         hashes = [content_hash(d) for d in data]
         vectors = _vectors(retriever, batch, data, hashes, max_pixels)
-        for ref, sha, row in zip(batch, hashes, retriever.search_vectors(vectors, hashes, k)):
+        for ref, sha, row in zip(
+            batch, hashes, retriever.search_vectors(vectors, hashes, k), strict=True
+        ):
             out["photos"][ref.name] = {"content_hash": sha, "neighbors": [_entry(n) for n in row]}
         if on_progress:
             on_progress(len(batch))
@@ -54,14 +56,18 @@ def compute_relations(
 
 
 def _vectors(
-    retriever: Retriever, refs: list[PhotoRef], data: list[bytes], hashes: list[str], max_pixels: int
+    retriever: Retriever,
+    refs: list[PhotoRef],
+    data: list[bytes],
+    hashes: list[str],
+    max_pixels: int,
 ) -> np.ndarray:
     stored = retriever.index.vectors(retriever.collection, hashes)
     missing = [i for i, sha in enumerate(hashes) if sha not in stored]
     images = [decode_image(data[i], refs[i].uri, max_pixels) for i in missing]
     encoded = retriever.encoder.encode(images).vectors
     fresh = {hashes[i]: encoded[j] for j, i in enumerate(missing)}
-    return np.stack([stored.get(sha, fresh.get(sha)) for sha in hashes])
+    return np.stack([stored[sha] if sha in stored else fresh[sha] for sha in hashes])
 
 
 def _entry(n: Neighbor) -> dict[str, Any]:

@@ -43,7 +43,10 @@ class Retriever:
             raise ValueError(f"k must be positive, got {k}")
         # One extra hit covers the query itself: a photo is stored at most once (id = its hash).
         rows = self.index.search(self.collection, vectors, k + 1)
-        return [[n for n in row if n.content_hash != sha][:k] for row, sha in zip(rows, hashes)]
+        return [
+            [n for n in row if n.content_hash != sha][:k]
+            for row, sha in zip(rows, hashes, strict=True)
+        ]
 
 
 def median_crop(neighbors: Sequence[Neighbor]) -> np.ndarray | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from shared.errors import ProCropError
@@ -29,19 +30,19 @@ def list_photos(source: str, settings: Settings) -> list[PhotoRef]:
     if not root.is_dir():
         raise ProCropError(f"{source}: no such folder (expected a folder or s3://bucket/prefix)")
     paths = sorted(p for p in root.rglob("*") if p.is_file() and is_image_name(p.name))
-    return [
-        PhotoRef(p.relative_to(root).as_posix(), str(p), lambda p=p: read_bytes(p)) for p in paths
-    ]
+    return [PhotoRef(p.relative_to(root).as_posix(), str(p), partial(read_bytes, p)) for p in paths]
 
 
 def _s3_photos(source: str, settings: Settings) -> list[PhotoRef]:
     bucket, prefix = parse_s3_uri(source)
     if settings.storage.backend != "s3":
-        raise ProCropError(f"{source}: set PROCROP_STORAGE__BACKEND=s3 (and its endpoint) to read S3")
+        raise ProCropError(
+            f"{source}: set PROCROP_STORAGE__BACKEND=s3 (and its endpoint) to read S3"
+        )
     store = build_object_store(settings, bucket=bucket, create_bucket=False)
     base = prefix.rstrip("/") + "/" if prefix else ""
     return [
-        PhotoRef(key[len(base) :], store.uri(key), lambda key=key: store.get(key))
+        PhotoRef(key[len(base) :], store.uri(key), partial(store.get, key))
         for key in store.list(base)
         if is_image_name(key)
     ]

@@ -31,7 +31,7 @@ def test_index_search_json(settings, photo_dir):
     assert code == 0
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["image"] for line in lines] == images
-    for line, image in zip(lines, images):
+    for line, image in zip(lines, images, strict=True):
         assert len(line["neighbors"]) == 3
         assert image not in {n["key"] for n in line["neighbors"]}
         assert set(line["neighbors"][0]) == {"id", "key", "score", "crop_norm"}
@@ -120,9 +120,7 @@ def test_installed_entry_point(settings, photo_dir):
     """The real console script, in a real process, as `make demo` users run it."""
     exe = Path(sys.executable).parent / "procrop"
     env = {**os.environ, "PROCROP_HOME": str(settings.home)}
-    done = subprocess.run(
-        [str(exe), "demo"], capture_output=True, text=True, env=env, timeout=120
-    )
+    done = subprocess.run([str(exe), "demo"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "compositional neighbours of" in done.stdout
     assert len(done.stdout.strip().splitlines()) == 2 + 5

@@ -19,7 +19,10 @@ from transformers import (
 
 from services.embedder.sam import SAM_BUILDERS
 
-TINY_WORDS = "a an the photo photography of man woman dog cat on in at beach street sky sea left right".split()
+TINY_WORDS = [
+    *("a", "an", "the", "photo", "photography", "of", "man", "woman", "dog", "cat"),
+    *("on", "in", "at", "beach", "street", "sky", "sea", "left", "right"),
+]
 # BERT-style special tokens first (ids 0-4), BLIP's [DEC] (caption start) and [ENC] last
 TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS, "[DEC]", "[ENC]"]
 
@@ -72,6 +75,7 @@ def _tiny_blip_config(vocab_size: int, image_size: int = 32) -> BlipConfig:
         "num_attention_heads": 2,
         "image_size": image_size,
         "patch_size": 16,
+        "initializer_range": 0.02,  # the default 1e-10 makes every photo look the same
     }
     return BlipConfig(
         text_config=text, vision_config=vision, image_text_hidden_size=16, projection_dim=16

@@ -104,7 +104,9 @@ def test_s3_source_matches_folder_source(s3_settings, encoder, photo_dir, tmp_pa
         source.put(f"pro/set1/{path.name}", path.read_bytes(), "image/jpeg")
     source.put("pro/set1/notes.txt", b"not a photo")
     photos = list_photos("s3://photo-source/pro", s3_settings)
-    assert sorted(p.name for p in photos) == sorted(f"set1/{p.name}" for p in photo_dir.glob("*.jpg"))
+    assert sorted(p.name for p in photos) == sorted(
+        f"set1/{p.name}" for p in photo_dir.glob("*.jpg")
+    )
     from shared.vector_index import open_index
 
     index = open_index(s3_settings)
@@ -113,7 +115,9 @@ def test_s3_source_matches_folder_source(s3_settings, encoder, photo_dir, tmp_pa
     assert report.added == 6 and index.count("photos") == 6
     assert len(list(store.list("collections/photos/tokens/"))) == 1
     vector = encoder.encode([Image.open(photo_dir / "astronaut.jpg").convert("RGB")]).vectors
-    assert index.search("photos", vector, 1)[0][0].source == "s3://photo-source/pro/set1/astronaut.jpg"
+    assert (
+        index.search("photos", vector, 1)[0][0].source == "s3://photo-source/pro/set1/astronaut.jpg"
+    )
 
 
 def test_missing_source_folder(settings, tmp_path):

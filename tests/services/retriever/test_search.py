@@ -66,6 +66,11 @@ def test_median_crop():
     def hit(crops):
         return Neighbor(0, 0.5, "h", "s", "k", 0, 10, 10, crops)
 
-    hits = [hit([[0.0, 0.0, 1.0, 1.0]]), hit([[0.2, 0.2, 0.6, 0.6]]), hit([]), hit([[0.1, 0.3, 0.8, 0.7]])]
+    hits = [
+        hit([[0.0, 0.0, 1.0, 1.0]]),
+        hit([[0.2, 0.2, 0.6, 0.6]]),
+        hit([]),
+        hit([[0.1, 0.3, 0.8, 0.7]]),
+    ]
     np.testing.assert_allclose(median_crop(hits), [0.1, 0.2, 0.8, 0.7])
     assert median_crop([hit([])]) is None
