@@ -29,7 +29,8 @@ CONFIGS = {
     "FLAT": IndexConfig("FLAT", {}, {}),
     "HNSW_M16_ef64": IndexConfig("HNSW", {"M": 16, "efConstruction": 200}, {"ef": 64}),
     "IVF_FLAT_1024_p32": IndexConfig("IVF_FLAT", {"nlist": 1024}, {"nprobe": 32}),
-    "IVF_FLAT_256_p16": IndexConfig("IVF_FLAT", {"nlist": 256}, {"nprobe": 16}),
+    "IVF_FLAT_1024_p64": IndexConfig("IVF_FLAT", {"nlist": 1024}, {"nprobe": 64}),
+    "IVF_FLAT_256_p32": IndexConfig("IVF_FLAT", {"nlist": 256}, {"nprobe": 32}),
 }
 SPEC = {"encoder": "lite", "encoder_version": "bench", "token_dim": 16, "vector_dim": 256}
 
@@ -113,8 +114,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--photos", type=int, default=1369, help="FCDB photos to derive from")
-    parser.add_argument("--configs", default="FLAT,HNSW_M16_ef64,IVF_FLAT_1024_p32")
-    parser.add_argument("--settle-s", type=float, default=120.0, help="wait before re-measuring")
+    parser.add_argument(
+        "--configs",
+        default="FLAT,HNSW_M16_ef64,IVF_FLAT_1024_p32,IVF_FLAT_1024_p64,IVF_FLAT_256_p32",
+    )
+    parser.add_argument("--settle-s", type=float, default=75.0, help="wait before re-measuring")
     args = parser.parse_args()
     base, queries = real_vectors(args.photos)
     vectors, queries = grow(base, args.n), queries[: args.queries]

@@ -187,8 +187,13 @@ class VectorIndex:
         schema.add_field("crops_norm", DataType.JSON)
         index = self._client.prepare_index_params()
         cfg = self.config
+        # Nested under "params": Milvus Lite 3.2 reads only that key and silently drops flat build
+        # params (Milvus servers accept this legacy form too); describe_index shows what arrived.
         index.add_index(
-            "vector", index_type=cfg.index_type, metric_type=cfg.metric, params=cfg.build_params
+            "vector",
+            index_type=cfg.index_type,
+            metric_type=cfg.metric,
+            params={"params": dict(cfg.build_params)} if cfg.build_params else {},
         )
         self._client.create_collection(
             name, schema=schema, index_params=index, properties={_META_PROPERTY: json.dumps(meta)}

@@ -11,7 +11,7 @@ import pytest
 
 from procrop.servers import free_port, start_milvus_lite
 from shared.errors import CollectionNotFoundError, IncompatibleCollectionError, VectorIndexError
-from shared.vector_index import IndexedPhoto, VectorIndex, photo_id
+from shared.vector_index import IndexConfig, IndexedPhoto, VectorIndex, photo_id
 
 SPEC = {"encoder": "test", "encoder_version": "1", "token_dim": 4, "vector_dim": 8}
 
@@ -120,3 +120,14 @@ def test_milvus_lite_server_shared_by_two_clients(tmp_path):
         assert reader.count("c") == 12
     finally:
         server.stop()
+
+
+def test_index_build_params_reach_milvus(tmp_path):
+    """Milvus Lite silently drops flat build params; ours must arrive (regression)."""
+    config = IndexConfig("IVF_FLAT", {"nlist": 4}, {"nprobe": 2})
+    index = VectorIndex(str(tmp_path / "m.db"), config=config)
+    index.ensure_collection("c", SPEC)
+    index.upsert("c", _photos(40))
+    index.flush("c")
+    described = index._client.describe_index("c", "vector")
+    assert described["index_type"] == "IVF_FLAT" and described.get("params") == {"nlist": 4}
