@@ -25,7 +25,7 @@ from shared.annotations import fixed_split
 from shared.images import load_image
 from shared.vector_index import IndexConfig, IndexedPhoto, VectorIndex
 
-CONFIGS = {
+CONFIGS = {  # the defaults of PROCROP_MILVUS__INDEX_TYPE are INDEX_PRESETS in shared/vector_index.py
     "FLAT": IndexConfig("FLAT", {}, {}),
     "HNSW_M16_ef64": IndexConfig("HNSW", {"M": 16, "efConstruction": 200}, {"ef": 64}),
     "IVF_FLAT_1024_p32": IndexConfig("IVF_FLAT", {"nlist": 1024}, {"nprobe": 32}),

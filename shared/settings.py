@@ -56,6 +56,9 @@ class MilvusSettings(BaseModel):
     uri: str | None = None  # default: $PROCROP_HOME/milvus.db (Milvus Lite, one process)
     token: SecretStr = SecretStr("")  # "user:password" or an API key for a Milvus server
     timeout_s: float = Field(default=30.0, gt=0)
+    # FLAT: exact, and in Milvus Lite 3.2 as fast as any index (its per-row Python scan dominates;
+    # see benchmarks/bench_retrieval.py). HNSW / IVF_FLAT for large collections on a Milvus server.
+    index_type: Literal["FLAT", "HNSW", "IVF_FLAT"] = "FLAT"
 
 
 class EmbedderSettings(BaseModel):

@@ -45,10 +45,17 @@ _OUTPUT_FIELDS = ["content_hash", "source", "tokens_key", "token_row", "width", 
 class IndexConfig:
     """How vectors are indexed and searched (chosen by benchmarks/bench_retrieval.py)."""
 
-    index_type: str = "HNSW"
-    build_params: dict[str, int] = field(default_factory=lambda: {"M": 16, "efConstruction": 200})
-    search_params: dict[str, int] = field(default_factory=lambda: {"ef": 64})
+    index_type: str = "FLAT"
+    build_params: dict[str, int] = field(default_factory=dict)
+    search_params: dict[str, int] = field(default_factory=dict)
     metric: str = "IP"  # vectors are unit-norm: inner product == cosine
+
+
+INDEX_PRESETS = {
+    "FLAT": IndexConfig(),
+    "HNSW": IndexConfig("HNSW", {"M": 16, "efConstruction": 200}, {"ef": 64}),
+    "IVF_FLAT": IndexConfig("IVF_FLAT", {"nlist": 1024}, {"nprobe": 64}),
+}
 
 
 @dataclass(frozen=True)
@@ -305,5 +312,8 @@ def open_index(settings: Settings, config: IndexConfig | None = None) -> VectorI
     """The configured index: `PROCROP_MILVUS__URI`, or Milvus Lite at `$PROCROP_HOME/milvus.db`."""
     cfg = settings.milvus
     return VectorIndex(
-        settings.milvus_uri, cfg.token.get_secret_value(), timeout_s=cfg.timeout_s, config=config
+        settings.milvus_uri,
+        cfg.token.get_secret_value(),
+        timeout_s=cfg.timeout_s,
+        config=config or INDEX_PRESETS[cfg.index_type],
     )
