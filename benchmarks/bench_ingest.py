@@ -11,7 +11,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import services.retriever.ingest as ingest_module
 from benchmarks.common import FCDB, emit
 from services.embedder.lite import LiteCompositionEncoder
 from services.retriever.ingest import Ingestor
@@ -22,10 +21,11 @@ from shared.vector_index import VectorIndex
 
 
 def run_once(photos: list, threads: int, batch_size: int) -> dict[str, float]:
-    ingest_module.DECODE_THREADS = threads
     with tempfile.TemporaryDirectory() as home:
         index = VectorIndex(str(Path(home) / "milvus.db"))
-        ingestor = Ingestor("bench", LiteCompositionEncoder(), index, LocalObjectStore(home))
+        ingestor = Ingestor(
+            "bench", LiteCompositionEncoder(), index, LocalObjectStore(home), threads=threads
+        )
         report = ingestor.run(photos, batch_size=batch_size)
         shards = len(list(LocalObjectStore(home).list("collections/bench/tokens/")))
         index.close()

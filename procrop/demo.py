@@ -11,7 +11,7 @@ from services.embedder.registry import build_encoder
 from services.retriever.ingest import Ingestor
 from services.retriever.search import Query, Retriever
 from services.retriever.sources import list_photos
-from shared.images import content_hash, load_image
+from shared.images import content_hash, decode_image
 from shared.settings import Settings
 from shared.storage import build_object_store
 from shared.vector_index import open_index
@@ -51,7 +51,7 @@ def run_demo(settings: Settings, k: int = 5) -> None:
     query = folder / QUERY
     data = query.read_bytes()
     neighbors = Retriever(COLLECTION, encoder, index).search(
-        [Query(QUERY, content_hash(data), load_image(query))], k
+        [Query(QUERY, content_hash(data), decode_image(data, str(query)))], k
     )[0]
     click.echo(f"compositional neighbours of {query}:")
     for rank, n in enumerate(neighbors, 1):

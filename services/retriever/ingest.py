@@ -63,8 +63,10 @@ class Ingestor:
         store: ObjectStore,
         annotations: dict[str, AnnotatedPhoto] | None = None,
         max_pixels: int = 50_000_000,
+        threads: int = DECODE_THREADS,
     ) -> None:
         self.collection, self.encoder, self.index = collection, encoder, index
+        self.threads = threads
         self.tokens = TokenStore(store, collection)
         self.annotations = annotations or {}
         self.max_pixels = max_pixels
@@ -81,7 +83,7 @@ class Ingestor:
         """Index `photos` in batches; `on_progress(n)` is called after each n photos handled."""
         report = IngestReport(self.collection, total=len(photos))
         started, seen = time.perf_counter(), set[str]()
-        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        with ThreadPoolExecutor(self.threads) as pool:
             for start in range(0, len(photos), batch_size):
                 batch = photos[start : start + batch_size]
                 decoded = self._read_batch(pool, batch, report, seen)
