@@ -81,6 +81,7 @@ def _entry(n: Neighbor) -> dict[str, Any]:
 
 
 def write_relations(relations: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(relations, separators=(",", ":")))
 
 

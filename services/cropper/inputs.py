@@ -1,0 +1,122 @@
+"""Photo -> model inputs, the same way in training and at inference.
+
+A photo is first brought to a working copy (longest side `WORK_SIDE`); the model sees it resized
+to `input_size` squared, its log aspect ratio, the weight-free cue tokens (lite backbone) and the
+K retrieved neighbours (composition tokens + crops). Boxes here are normalized; neighbour crops
+arrive as xyxy and leave as cxcywh, the model's convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from services.cropper.backbone import IMAGENET_MEAN, IMAGENET_STD
+from services.cropper.config import ModelConfig
+from services.cropper.model import CropInputs
+from services.embedder.lite import describe
+from shared.boxes import xyxy_to_cxcywh
+
+WORK_SIDE = 256  # working copy: enough for a 128-pixel model input and the 8 x 8 cue grid
+
+
+def working_copy(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
+    """The photo with its longest side at most `side` (antialiased), in RGB."""
+    image = image.convert("RGB")
+    scale = side / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """The K retrieved photos of one query.
+
+    tokens: (K, 64, T) float32 composition tokens; crops: (K, 4) normalized xyxy crops (zeros where
+    a neighbour has none); has_crop: (K,) bool.
+    """
+
+    tokens: np.ndarray
+    crops: np.ndarray
+    has_crop: np.ndarray
+
+    def flipped(self) -> Neighbors:
+        """Mirror image left-right: token grid columns reversed, crops mirrored."""
+        k, n, t = self.tokens.shape
+        side = round(n**0.5)
+        tokens = self.tokens.reshape(k, side, side, t)[:, :, ::-1].reshape(k, n, t)
+        crops = self.crops.copy()
+        crops[:, [0, 2]] = np.where(self.has_crop[:, None], 1 - self.crops[:, [2, 0]], 0)
+        return Neighbors(np.ascontiguousarray(tokens), crops, self.has_crop)
+
+
+def neighbors_from(tokens: np.ndarray, crops: list[list[float] | None], k: int) -> Neighbors:
+    """Pad or cut to exactly `k` neighbours (padding: zero tokens, no crop)."""
+    tokens = np.asarray(tokens, np.float32)[:k]
+    boxes = np.zeros((k, 4), np.float32)
+    has = np.zeros(k, bool)
+    for i, crop in enumerate(crops[:k]):
+        if crop is not None:
+            boxes[i], has[i] = crop, True
+    if len(tokens) < k:
+        pad = np.zeros((k - len(tokens), *tokens.shape[1:]), np.float32)
+        tokens = np.concatenate([tokens, pad]) if len(tokens) else pad
+    return Neighbors(tokens, boxes, has)
+
+
+@dataclass(frozen=True)
+class PhotoTensors:
+    """One photo as the model reads it (see `CropInputs` for shapes)."""
+
+    image: torch.Tensor  # (3, S, S)
+    aspect: float
+    cues: torch.Tensor | None  # (64, C)
+
+
+def photo_tensors(image: Image.Image, config: ModelConfig) -> PhotoTensors:
+    """A working copy (or any RGB photo) -> pixels, aspect and cue tokens for `config`."""
+    size = config.input_size
+    resized = image.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(resized, np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    cues = torch.from_numpy(describe(image)) if config.cue_channels else None
+    return PhotoTensors((pixels - mean) / std, float(np.log(image.width / image.height)), cues)
+
+
+def collate_inputs(
+    photos: list[PhotoTensors],
+    neighbors: list[Neighbors] | None = None,
+    text: list[np.ndarray] | None = None,
+) -> CropInputs:
+    """Stack photos (and their neighbours and (L, D) text tokens) into one batch."""
+    batch = CropInputs(
+        images=torch.stack([p.image for p in photos]),
+        aspect=torch.tensor([p.aspect for p in photos], dtype=torch.float32),
+        cues=torch.stack([p.cues for p in photos]) if photos[0].cues is not None else None,
+    )
+    if neighbors is not None:
+        batch.tokens = torch.from_numpy(np.stack([n.tokens for n in neighbors]))
+        crops = np.stack([n.crops for n in neighbors])  # (B, K, 4) xyxy
+        batch.boxes = torch.from_numpy(xyxy_to_cxcywh(crops).astype(np.float32))
+        batch.box_mask = torch.from_numpy(np.stack([n.has_crop for n in neighbors]))
+    if text is not None:
+        batch.text, batch.text_mask = _pad_text(text)
+    return batch
+
+
+def _pad_text(text: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_i, D) token rows (all-zero rows are padding) -> (B, L, D) and (B, L) mask."""
+    length = max(len(t) for t in text)
+    out = np.zeros((len(text), length, text[0].shape[1]), np.float32)
+    mask = np.zeros((len(text), length), bool)
+    for i, t in enumerate(text):
+        out[i, : len(t)] = t
+        mask[i, : len(t)] = np.abs(t).sum(1) > 0
+        mask[i, 0] = True  # the first token ([CLS] / [ENC]) is always real
+    return torch.from_numpy(out), torch.from_numpy(mask)

@@ -1,0 +1,183 @@
+"""Turn the cropper's raw proposals into what users get: diverse crops at a requested ratio.
+
+Pure numpy (no torch). Boxes are pixel (x1, y1, x2, y2) of a `width` x `height` photo, as at
+every edge of the system (see `shared.boxes`); the pixel boxes may be float.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from shared.boxes import box_iou, xyxy_to_cxcywh
+
+# Two crops with IoU above this are near duplicates. Crops are large and overlap a lot: two
+# crops of one size shifted by 8 % of a side still have IoU 0.85, and so do a crop and its
+# centred 8 % zoom; the field (GAICD matching, FCDB / FLMS "acc") treats IoU >= 0.85 as the same
+# crop. Greedy NMS at this threshold keeps crops that differ visibly.
+NEAR_DUPLICATE_IOU = 0.85
+
+AspectRatio = tuple[int, int] | float
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"  # unsigned decimal: no sign, exponent, inf or nan
+_RATIO_PATTERN = re.compile(rf"\s*{_NUMBER}\s*:\s*{_NUMBER}\s*")
+
+
+def _check_boxes(boxes: np.ndarray, name: str) -> None:
+    """Raise ValueError unless `boxes` is (N, 4) xyxy, finite, with x2 > x1 and y2 > y1."""
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name} must have shape (N, 4); got {boxes.shape}")
+    if not np.isfinite(boxes).all():
+        raise ValueError(f"{name} must be finite; got {boxes[~np.isfinite(boxes).all(1)]}")
+    bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if bad.any():
+        raise ValueError(f"{name} must have x2 > x1 and y2 > y1; got {boxes[bad]}")
+
+
+def suppress_near_duplicates(
+    boxes_xyxy: ArrayLike,
+    scores: ArrayLike,
+    iou_threshold: float = NEAR_DUPLICATE_IOU,
+    max_keep: int | None = None,
+) -> np.ndarray:
+    """Greedy non-maximum suppression: the indices of diverse crops, best score first.
+
+    Visits crops by decreasing score (the earlier index first on equal scores) and keeps one
+    unless its IoU with a kept crop is > `iou_threshold` (IoU equal to it is kept, as in
+    torchvision's `nms`); stops after `max_keep` crops.
+
+    Args:
+        boxes_xyxy: (N, 4) crops, xyxy, with positive width and height; N may be 0.
+        scores: (N,) finite scores, higher is better.
+        iou_threshold: in (0, 1]; 1 suppresses nothing.
+        max_keep: most indices returned (>= 1), or None for all survivors.
+    Returns:
+        (K,) int64 indices into `boxes_xyxy`, K <= min(N, max_keep), by decreasing score.
+    """
+    boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+    score = np.asarray(scores, np.float64).reshape(-1)
+    _check_boxes(boxes, "boxes_xyxy")
+    if len(score) != len(boxes) or not np.isfinite(score).all():
+        raise ValueError(f"scores must be {len(boxes)} finite numbers; got {score}")
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(f"iou_threshold must be in (0, 1]; got {iou_threshold}")
+    if max_keep is not None and max_keep < 1:
+        raise ValueError(f"max_keep must be >= 1 or None; got {max_keep}")
+    order = np.argsort(-score, kind="stable")
+    ious = box_iou(boxes, boxes)  # (N, N); fine for the tens of proposals of one photo
+    limit = len(boxes) if max_keep is None else max_keep
+    keep: list[int] = []
+    for i in order:
+        if len(keep) == limit:
+            break
+        if not keep or ious[i, keep].max() <= iou_threshold:
+            keep.append(int(i))
+    return np.asarray(keep, np.int64)
+
+
+def parse_aspect_ratio(text: str) -> AspectRatio:
+    """Parse "W:H" into (W, H) when both are integers ("16:9"), else into the float W / H.
+
+    Accepts positive unsigned decimals ("1.91:1", "4:3.5") with optional spaces around the
+    colon. The tuple is not reduced ("32:18" stays (32, 18)).
+
+    Raises:
+        ValueError: naming `text`, for anything else ("abc", "0:1", "-1:2", "1:", "1:2:3",
+            "inf:1").
+    """
+    match = _RATIO_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"aspect ratio must be 'W:H' with positive numbers, e.g. '16:9' or '1.91:1'; "
+            f"got {text!r}"
+        )
+    w_text, h_text = match.groups()
+    w, h = float(w_text), float(h_text)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"aspect ratio sides must be positive; got {text!r}")
+    if w_text.isdigit() and h_text.isdigit():
+        return int(w_text), int(h_text)
+    return w / h
+
+
+def ratio_value(ratio: AspectRatio | tuple[float, float]) -> float:
+    """Width over height of a ratio given as W / H or as (W, H); must be positive and finite."""
+    value = ratio[0] / ratio[1] if isinstance(ratio, tuple) else float(ratio)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"aspect ratio must be positive and finite; got {ratio}")
+    return value
+
+
+def fit_aspect_ratio(
+    box_xyxy: ArrayLike,
+    ratio: AspectRatio | tuple[float, float],
+    width: float,
+    height: float,
+) -> np.ndarray:
+    """The crop of aspect ratio `ratio` nearest to `box_xyxy`, inside the photo.
+
+    1. Keep the centre and the area: new_w = sqrt(area * r), new_h = sqrt(area / r).
+    2. Shrink both sides by one factor until new_w <= width and new_h <= height.
+    3. Shift the box, as little as possible, into [0, width] x [0, height].
+    A ratio more extreme than the photo's gives a crop of full width (or full height).
+
+    Args:
+        box_xyxy: (4,) pixel xyxy crop with positive width and height.
+        ratio: r = crop width / crop height in pixels, as a float or as (W, H).
+        width, height: photo size in pixels, > 0.
+    Returns:
+        (4,) float64 xyxy with 0 <= x1 < x2 <= width, 0 <= y1 < y2 <= height, and
+        (x2 - x1) / (y2 - y1) == r up to float rounding (relative error ~1e-15). Round to
+        integer pixels with `round_to_pixels`.
+    """
+    box = np.asarray(box_xyxy, np.float64).reshape(1, 4)
+    _check_boxes(box, "box_xyxy")
+    r = ratio_value(ratio)
+    if not (width > 0 and height > 0):
+        raise ValueError(f"photo size must be positive; got {width} x {height}")
+    cx, cy, w, h = xyxy_to_cxcywh(box[0])
+    new_h = min(math.sqrt(w * h / r), height, width / r)  # steps 1 and 2 at once
+    new_w = min(new_h * r, width)  # min: new_h * r may round above width
+    return _place(cx, cy, new_w, new_h, width, height)
+
+
+def _place(cx: float, cy: float, w: float, h: float, width: float, height: float) -> np.ndarray:
+    """A w x h box centred at (cx, cy), shifted the least into the photo: (4,) xyxy float64.
+
+    Needs w <= width and h <= height; edges are clamped so that rounding never leaves the photo.
+    """
+    x1 = min(max(cx - w / 2, 0.0), width - w)
+    y1 = min(max(cy - h / 2, 0.0), height - h)
+    return np.array([x1, y1, min(x1 + w, width), min(y1 + h, height)])
+
+
+def round_to_pixels(
+    box_xyxy: ArrayLike, ratio: AspectRatio | tuple[float, float], width: int, height: int
+) -> np.ndarray:
+    """Integer-pixel crop near a float crop of ratio `ratio`, keeping the ratio closest.
+
+    Tries the two integer heights around the box's height, each with the nearest integer
+    width for `ratio`, and keeps the pair of least ratio error (|w / h - r| <= 0.5 / h when the
+    width fits the photo); then centres it where the box was, inside the photo.
+
+    Args:
+        box_xyxy: (4,) pixel xyxy crop inside the photo, e.g. from `fit_aspect_ratio`.
+        ratio: r = width / height, as a float or as (W, H).
+        width, height: photo size in whole pixels, >= 1.
+    Returns:
+        (4,) int64 xyxy with 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height.
+    """
+    box = np.asarray(box_xyxy, np.float64).reshape(1, 4)
+    _check_boxes(box, "box_xyxy")
+    r = ratio_value(ratio)
+    cx, cy, _, h = xyxy_to_cxcywh(box[0])
+    candidates = []
+    for h_int in {min(max(math.floor(h), 1), height), min(max(math.ceil(h), 1), height)}:
+        w_int = min(max(round(h_int * r), 1), width)
+        candidates.append((abs(w_int / h_int - r), -h_int, w_int, h_int))
+    _, _, w_int, h_int = min(candidates)  # least ratio error, then the larger crop
+    x1 = min(max(round(cx - w_int / 2), 0), width - w_int)
+    y1 = min(max(round(cy - h_int / 2), 0), height - h_int)
+    return np.array([x1, y1, x1 + w_int, y1 + h_int], np.int64)
