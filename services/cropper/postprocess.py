@@ -15,8 +15,8 @@ from numpy.typing import ArrayLike
 from shared.boxes import box_iou, xyxy_to_cxcywh
 
 # Two crops with IoU above this are near duplicates. Crops are large and overlap a lot: two
-# crops of one size shifted by 8 % of a side still have IoU 0.85, and so do a crop and its
-# centred 8 % zoom; the field (GAICD matching, FCDB / FLMS "acc") treats IoU >= 0.85 as the same
+# crops of one size shifted by 8 % of a side still have IoU 0.92 / 1.08 ~ 0.85, and so do a crop
+# and its centred 8 % zoom (0.92^2); the field (GAICD matching, FCDB / FLMS "acc") treats IoU >= 0.85 as the same
 # crop. Greedy NMS at this threshold keeps crops that differ visibly.
 NEAR_DUPLICATE_IOU = 0.85
 
@@ -104,6 +104,8 @@ def parse_aspect_ratio(text: str) -> AspectRatio:
 
 def ratio_value(ratio: AspectRatio | tuple[float, float]) -> float:
     """Width over height of a ratio given as W / H or as (W, H); must be positive and finite."""
+    if isinstance(ratio, tuple) and not (ratio[0] > 0 and ratio[1] > 0):
+        raise ValueError(f"aspect ratio sides must be positive; got {ratio}")
     value = ratio[0] / ratio[1] if isinstance(ratio, tuple) else float(ratio)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"aspect ratio must be positive and finite; got {ratio}")

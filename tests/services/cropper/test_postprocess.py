@@ -1,0 +1,250 @@
+"""Post-processing of crop proposals: near-duplicate suppression, aspect-ratio parsing and fitting."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from services.cropper.postprocess import (
+    NEAR_DUPLICATE_IOU,
+    fit_aspect_ratio,
+    parse_aspect_ratio,
+    ratio_value,
+    round_to_pixels,
+    suppress_near_duplicates,
+)
+from shared.boxes import box_iou
+
+# --- suppress_near_duplicates ----------------------------------------------------------------
+
+# In a 100 x 100 photo. IoUs: (0, 1) = 95 / 100, (0, 2) = 50 / 100, (0, 3) = 45 / 100,
+# (2, 3) = 4500 / 5000 = 0.9.
+BOXES = np.array([[0, 0, 100, 100], [0, 0, 100, 95], [0, 0, 50, 100], [0, 0, 50, 90]], float)
+SCORES = np.array([0.9, 0.8, 0.7, 0.95])
+
+
+def test_nms_by_hand() -> None:
+    # 3 first; 0 (IoU 0.45 with 3) kept; 1 (0.95 with 0) and 2 (0.9 with 3) are near duplicates.
+    assert suppress_near_duplicates(BOXES, SCORES).tolist() == [3, 0]
+
+
+def test_nms_keeps_iou_equal_to_threshold() -> None:
+    # At 0.95, box 1 (IoU exactly 0.95 with 0) survives, and so does box 2 (IoU 0.9 with 3).
+    assert suppress_near_duplicates(BOXES, SCORES, iou_threshold=0.95).tolist() == [3, 0, 1, 2]
+    assert suppress_near_duplicates(BOXES, SCORES, iou_threshold=0.9).tolist() == [3, 0, 2]
+
+
+def test_nms_max_keep_and_threshold_one() -> None:
+    assert suppress_near_duplicates(BOXES, SCORES, max_keep=1).tolist() == [3]
+    assert suppress_near_duplicates(BOXES, SCORES, 1.0, max_keep=3).tolist() == [3, 0, 1]
+
+
+def test_nms_only_kept_crops_suppress() -> None:
+    # 1 is suppressed by 0 (IoU 0.88); 2 overlaps 1 at 76 / 88 > 0.85 but 0 only at 0.76: kept.
+    boxes = np.array([[0, 0, 100, 100], [0, 0, 100, 88], [0, 0, 100, 76]], float)
+    kept = suppress_near_duplicates(boxes, np.array([0.9, 0.8, 0.7]))
+    assert kept.tolist() == [0, 2]
+
+
+def test_nms_equal_scores_keep_the_earlier_index() -> None:
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], float)
+    assert suppress_near_duplicates(boxes, np.ones(3)).tolist() == [0, 2]
+
+
+def test_nms_empty() -> None:
+    kept = suppress_near_duplicates(np.zeros((0, 4)), np.zeros(0))
+    assert kept.dtype == np.int64
+    assert kept.shape == (0,)
+
+
+def test_nms_invariants_on_random_crops() -> None:
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 40, size=(60, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(50, 60, size=(60, 2))], axis=1)
+    scores = rng.uniform(size=60)
+    kept = suppress_near_duplicates(boxes, scores)
+    ious = box_iou(boxes, boxes)
+    assert np.all(np.diff(scores[kept]) <= 0)  # best first
+    assert np.all(ious[np.ix_(kept, kept)][~np.eye(len(kept), dtype=bool)] <= NEAR_DUPLICATE_IOU)
+    for i in set(range(60)) - set(kept.tolist()):  # each dropped crop has a better kept twin
+        twins = kept[(ious[i, kept] > NEAR_DUPLICATE_IOU) & (scores[kept] >= scores[i])]
+        assert len(twins) > 0
+    assert suppress_near_duplicates(boxes, scores, max_keep=3).tolist() == kept[:3].tolist()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scores": SCORES[:3]}, "scores must be 4 finite"),
+        ({"scores": np.array([0.1, np.nan, 0.2, 0.3])}, "scores must be 4 finite"),
+        ({"iou_threshold": 0.0}, "iou_threshold must be in"),
+        ({"max_keep": 0}, "max_keep must be >= 1"),
+        (
+            {"boxes_xyxy": np.array([[0, 0, 10, 10], [5, 5, 5, 9], [0, 0, 1, 1], [0, 0, 2, 2]])},
+            "x2 > x1",
+        ),
+    ],
+)
+def test_nms_errors(kwargs: dict, message: str) -> None:
+    arguments = {"boxes_xyxy": BOXES, "scores": SCORES} | kwargs
+    with pytest.raises(ValueError, match=message):
+        suppress_near_duplicates(**arguments)
+
+
+# --- parse_aspect_ratio ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("16:9", (16, 9)),
+        ("32:18", (32, 18)),
+        (" 4 : 3 ", (4, 3)),
+        ("1.91:1", 1.91),
+        ("4:3.5", 4 / 3.5),
+        (".5:1", 0.5),
+        ("2.:1", 2.0),
+    ],
+)
+def test_parse_aspect_ratio(text: str, expected: tuple[int, int] | float) -> None:
+    parsed = parse_aspect_ratio(text)
+    assert parsed == expected
+    assert type(parsed) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "abc",
+        "0:1",
+        "1:0",
+        "0.0:1",
+        "-1:2",
+        "1:",
+        ":1",
+        "1:2:3",
+        "inf:1",
+        "nan:1",
+        "1e3:1",
+        "",
+        "16x9",
+    ],
+)
+def test_parse_aspect_ratio_errors_name_the_value(text: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(text))):
+        parse_aspect_ratio(text)
+
+
+def test_ratio_value() -> None:
+    assert ratio_value((16, 9)) == 16 / 9
+    assert ratio_value(1.5) == 1.5
+    for bad in (0.0, -1.0, math.inf, math.nan, (1, 0), (-16, -9)):
+        with pytest.raises(ValueError, match="positive"):
+            ratio_value(bad)
+
+
+# --- fit_aspect_ratio ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("box", "ratio", "size", "expected"),
+    [
+        # Already 16:9 (160 x 90): unchanged.
+        ([10, 20, 170, 110], (16, 9), (200, 200), [10, 20, 170, 110]),
+        # Area 400 at 4:1: 40 x 10 about the same centre (50, 50).
+        ([40, 40, 60, 60], 4.0, (100, 100), [30, 45, 70, 55]),
+        # Area 3600 at 4:1 is 120 x 30, wider than the square photo: shrunk to 100 x 25.
+        ([20, 20, 80, 80], (4, 1), (100, 100), [0, 37.5, 100, 62.5]),
+        # ... and at 1:4 full height.
+        ([20, 20, 80, 80], 0.25, (100, 100), [37.5, 0, 62.5, 100]),
+        # Area 1600 at 4:1 is 80 x 20 about (80, 20): x spans 40..120, shifted left by 20.
+        ([60, 0, 100, 40], 4.0, (100, 100), [20, 10, 100, 30]),
+        # A 4:1 photo asked for 4:1: the whole photo.
+        ([0, 0, 400, 100], 4.0, (400, 100), [0, 0, 400, 100]),
+    ],
+)
+def test_fit_aspect_ratio_by_hand(
+    box: list[float],
+    ratio: tuple[int, int] | float,
+    size: tuple[int, int],
+    expected: list[float],
+) -> None:
+    assert fit_aspect_ratio(np.array(box, float), ratio, *size) == pytest.approx(expected)
+
+
+def _random_cases(n: int) -> list[tuple[np.ndarray, float, int, int]]:
+    """Seeded (box xyxy inside the photo, ratio in [1/6, 6], photo width, photo height)."""
+    rng = np.random.default_rng(42)
+    cases = []
+    for _ in range(n):
+        width, height = (int(v) for v in rng.integers(50, 2000, size=2))
+        x1, x2 = np.sort(rng.uniform(0, width, size=2))
+        y1, y2 = np.sort(rng.uniform(0, height, size=2))
+        box = np.array([x1, y1, max(x2, x1 + 10), max(y2, y1 + 10)])
+        cases.append((box, float(np.exp(rng.uniform(-math.log(6), math.log(6)))), width, height))
+    return cases
+
+
+def test_fit_aspect_ratio_invariants_on_random_boxes() -> None:
+    for box, ratio, width, height in _random_cases(500):
+        x1, y1, x2, y2 = fitted = fit_aspect_ratio(box, ratio, width, height)
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+        assert (x2 - x1) / (y2 - y1) == pytest.approx(ratio, rel=1e-12)
+        area, new_area = (box[2] - box[0]) * (box[3] - box[1]), (x2 - x1) * (y2 - y1)
+        assert new_area <= area * (1 + 1e-12)  # only ever shrunk to fit
+        if x2 - x1 < width * (1 - 1e-9) and y2 - y1 < height * (1 - 1e-9):  # not shrunk
+            assert new_area == pytest.approx(area, rel=1e-12)
+        assert fit_aspect_ratio(fitted, ratio, width, height) == pytest.approx(fitted)
+
+
+def test_fit_aspect_ratio_keeps_the_centre_when_it_fits() -> None:
+    fitted = fit_aspect_ratio(np.array([30.0, 40.0, 70.0, 60.0]), 1.0, 100, 100)
+    assert fitted == pytest.approx(
+        [50 - math.sqrt(200), 50 - math.sqrt(200), 50 + math.sqrt(200), 50 + math.sqrt(200)]
+    )
+
+
+def test_fit_aspect_ratio_accepts_parsed_ratios() -> None:
+    box = np.array([5.0, 5.0, 50.0, 80.0])
+    fitted = fit_aspect_ratio(box, parse_aspect_ratio("16:9"), 100, 90)
+    assert fitted.tolist() == fit_aspect_ratio(box, 16 / 9, 100, 90).tolist()
+
+
+def test_fit_aspect_ratio_errors() -> None:
+    box = np.array([0.0, 0.0, 10.0, 10.0])
+    with pytest.raises(ValueError, match="positive and finite"):
+        fit_aspect_ratio(box, 0.0, 100, 100)
+    with pytest.raises(ValueError, match="photo size must be positive"):
+        fit_aspect_ratio(box, 1.0, 0, 100)
+    with pytest.raises(ValueError, match="x2 > x1"):
+        fit_aspect_ratio(np.array([10.0, 0.0, 10.0, 10.0]), 1.0, 100, 100)
+
+
+# --- round_to_pixels -------------------------------------------------------------------------
+
+
+def test_round_to_pixels_exact_ratio_is_unchanged() -> None:
+    box = np.array([10.0, 20.0, 170.0, 110.0])  # 160 x 90
+    assert round_to_pixels(box, (16, 9), 200, 200).tolist() == [10, 20, 170, 110]
+
+
+def test_round_to_pixels_by_hand() -> None:
+    # 100 x 25.5 at 4:1 in a 100 x 100 photo: height 25 -> width 100 (exact); height 26 -> width
+    # 104, clamped to 100 (ratio error 4 - 100 / 26). 100 x 25 wins, top edge at 50 - 12.5 -> 38.
+    rounded = round_to_pixels(np.array([0.0, 37.25, 100.0, 62.75]), 4.0, 100, 100)
+    assert rounded.tolist() == [0, 38, 100, 63]
+
+
+def test_round_to_pixels_invariants_on_random_boxes() -> None:
+    for box, ratio, width, height in _random_cases(500):
+        fitted = fit_aspect_ratio(box, ratio, width, height)
+        x1, y1, x2, y2 = rounded = round_to_pixels(fitted, ratio, width, height)
+        assert rounded.dtype == np.int64
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+        h_floor = max(math.floor(fitted[3] - fitted[1]), 1)
+        assert abs((x2 - x1) / (y2 - y1) - ratio) <= 0.5 / h_floor + 1e-12
+        # Near the float crop: a height step of 1 px moves the width by the ratio.
+        assert np.abs(rounded - fitted).max() <= max(ratio, 1) + 1
