@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -242,6 +243,171 @@ def collections_cmd(settings: Settings) -> None:
     for name in index.list_collections():
         meta = index.metadata(name)
         click.echo(f"{name}\t{index.count(name)}\t{meta.get('encoder')}")
+
+
+@cli.command("crop")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-n", "--n", "n", default=5, show_default=True, help="Crops per photo (per ratio).")
+@click.option(
+    "--aspect-ratio", "-a", "aspect_ratios", multiple=True, metavar="W:H",
+    help="Also give the best crops at exactly this ratio (repeatable), e.g. 16:9, 1.91:1.",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per photo on stdout.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path),
+    help="Write the crops (STEM.cropN.jpg) and an overlay (STEM.overlay.png) here.",
+)  # fmt: skip
+@click.option(
+    "--profile", type=click.Choice(["lite", "paper"]), default=None,
+    help="Model profile [default: PROCROP_PROFILE, else lite].",
+)  # fmt: skip
+@click.option("--model", help="Checkpoint or bundle folder, or s3:// prefix [default: shipped].")
+@click.option("--collection", help="Composition index to retrieve from [default: the bundle's].")
+@pass_settings
+@handle_errors
+def crop_cmd(
+    settings: Settings, images: tuple[str, ...], n: int, aspect_ratios: tuple[str, ...],
+    as_json: bool, out: Path | None, profile: str | None, model: str | None, collection: str | None,
+) -> None:  # fmt: skip
+    """Propose the best crops of each IMAGE (JPEG, PNG or WebP), best first.
+
+    Boxes are pixel x1 y1 x2 y2 in the original photo, with an aesthetic score in (0, 1).
+    Near-duplicate crops are suppressed, so the N crops differ visibly. With --aspect-ratio,
+    each crop has exactly that ratio: the model's best proposals adjusted as little as possible.
+    """
+    from procrop.cropping import run_crop
+    from services.cropper.predictor import build_predictor, check_crop_request
+
+    try:
+        check_crop_request(n, aspect_ratios)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    predictor = build_predictor(settings, profile or settings.profile, model, collection)
+    with progress(len(images), "photo") as bar:
+        failed = run_crop(
+            predictor, images, n, aspect_ratios, as_json, out, settings.max_image_pixels, bar.update
+        )
+    if failed:
+        sys.exit(1)
+
+
+@cli.command("train")
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False)
+)
+@click.option("--out", help="Override [train] out: a folder or s3://bucket/prefix.")
+@click.option("--epochs", type=click.IntRange(1), help="Override [train] epochs.")
+@click.option("--max-minutes", type=click.FloatRange(0, min_open=True), help="Time budget.")
+@pass_settings
+@handle_errors
+def train_cmd(
+    settings: Settings,
+    config_path: str,
+    out: str | None,
+    epochs: int | None,
+    max_minutes: float | None,
+) -> None:
+    """Train a crop model as the TOML config says (see configs/lite.toml).
+
+    Builds the composition index of the training photos and their relations when missing,
+    evaluates on the fixed validation split after every epoch, and writes OUT/last and OUT/best
+    checkpoints (safetensors + config.json). Running the same command again resumes from
+    OUT/last. Under torchrun, training is data-parallel over the GPUs.
+    """
+    import dataclasses
+
+    from services.cropper.train import load_train_config, train
+
+    config = load_train_config(config_path)
+    overrides = {"out": out, "epochs": epochs, "max_minutes": max_minutes}
+    config = dataclasses.replace(
+        config, optim=dataclasses.replace(config.optim, **{k: v for k, v in overrides.items() if v})
+    )
+    logging.getLogger("services.cropper").setLevel(logging.INFO)
+    bar = progress(config.optim.epochs, "epoch")
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        bar.n = record["epoch"]
+        val = record.get("val", {})
+        bar.set_postfix(
+            loss=f"{record['train'].get('loss', 0):.3f}", val_iou=f"{val.get('iou', 0):.4f}"
+        )
+        click.echo(json.dumps(record), err=True)
+
+    with bar:
+        record = train(config, settings, on_epoch=on_epoch)
+    click.echo(json.dumps({"out": config.optim.out, **record}))
+
+
+@cli.command("eval")
+@click.option(
+    "--annotations", required=True, type=click.Path(exists=True), help="Annotation file or folder."
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["auto", "fcdb", "gaicd", "jsonl"]), default="auto",
+    show_default=True,
+)  # fmt: skip
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image root.")
+@click.option(
+    "--split", type=click.Choice(["val", "all"]), default="val", show_default=True,
+    help="val: the fixed validation split (200 photos, seed 2026) the trainer holds out.",
+)  # fmt: skip
+@click.option("--baselines", is_flag=True, help="Also score whole photo, centre 90%, kNN transfer.")
+@click.option("--profile", type=click.Choice(["lite", "paper"]), default=None)
+@click.option("--model", help="Checkpoint or bundle [default: shipped lite model].")
+@click.option("--collection", help="Composition index to retrieve from [default: the bundle's].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_settings
+@handle_errors
+def eval_cmd(
+    settings: Settings, annotations: str, fmt: str, images: str | None, split: str, baselines: bool,
+    profile: str | None, model: str | None, collection: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Score the crop model on annotated photos: IoU, Disp, acc (and Acc_K/N for GAICD)."""
+    from procrop.evaluation import evaluate, format_table
+    from services.cropper.predictor import build_predictor
+    from shared.annotations import fixed_split, load_annotations
+
+    root = Path(images or Path(annotations).parent if Path(annotations).is_file() else annotations)
+    labels = load_annotations(annotations, fmt, image_root=root)
+    names = fixed_split(sorted(labels))[1] if split == "val" else sorted(labels)
+    predictor = build_predictor(settings, profile or settings.profile, model, collection)
+    with progress(len(names), "photo") as bar:
+        report = evaluate(
+            predictor, labels, root, names, baselines, bar.update, settings.max_image_pixels
+        )
+    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
+@cli.command("bundle")
+@click.argument("checkpoint")
+@click.option("--collection", "-c", required=True, help="Collection holding the training photos.")
+@click.option("--relations", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@pass_settings
+@handle_errors
+def bundle_cmd(
+    settings: Settings, checkpoint: str, collection: str, relations: str, out: Path
+) -> None:
+    """Package CHECKPOINT with the composition index of its training photos (a model bundle).
+
+    The photos are those of the relations file that are in COLLECTION (the training photos).
+    """
+    from services.cropper.bundle import export_index
+    from services.cropper.checkpoint import load_checkpoint, open_location, save_checkpoint
+    from services.retriever.relations import read_relations
+    from services.retriever.token_store import TokenStore
+    from shared.storage import LocalObjectStore
+
+    model, info = load_checkpoint(*open_location(checkpoint, settings))
+    index, store = _open(settings)
+    photos = read_relations(relations)["photos"]
+    hashes = {entry["content_hash"]: name for name, entry in photos.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(LocalObjectStore(out), "", model, info=info)
+    count = export_index(index, TokenStore(store, collection), collection, hashes, out)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
+    click.echo(f"{out}: model + index of {count} photos ({size:.1f} MB)")
 
 
 @cli.command("demo")

@@ -75,6 +75,15 @@ class EmbedderSettings(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=256)
 
 
+class CropSettings(BaseModel):
+    """The crop model (services/cropper)."""
+
+    model: str | None = None  # checkpoint or bundle folder, or s3:// prefix; None: shipped lite
+    collection: str | None = None  # composition index to retrieve from; None: the bundle's own
+    device: str = "auto"
+    batch_size: int = Field(default=16, ge=1, le=1024)
+
+
 class Settings(BaseSettings):
     """Everything a ProCrop process reads from its environment."""
 
@@ -89,6 +98,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     milvus: MilvusSettings = MilvusSettings()
     embedder: EmbedderSettings = EmbedderSettings()
+    crop: CropSettings = CropSettings()
 
     @field_validator("home")
     @classmethod

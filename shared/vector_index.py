@@ -229,6 +229,10 @@ class VectorIndex:
         rows = self._get(name, hashes, ["vector", "content_hash"])
         return {row["content_hash"]: np.asarray(row["vector"], np.float32) for row in rows}
 
+    def rows(self, name: str, hashes: Iterable[str], fields: list[str]) -> list[dict[str, Any]]:
+        """The `fields` of the rows of those `hashes` that are in the collection."""
+        return self._get(name, hashes, fields)
+
     def _get(self, name: str, hashes: Iterable[str], fields: list[str]) -> list[dict[str, Any]]:
         """Rows of the photos with these sha256s, by primary key, in chunks of 1000."""
         ids = [photo_id(h) for h in hashes]

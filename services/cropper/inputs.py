@@ -78,15 +78,24 @@ class PhotoTensors:
     cues: torch.Tensor | None  # (64, C)
 
 
-def photo_tensors(image: Image.Image, config: ModelConfig) -> PhotoTensors:
-    """A working copy (or any RGB photo) -> pixels, aspect and cue tokens for `config`."""
+def photo_tensors(
+    image: Image.Image, config: ModelConfig, cues: np.ndarray | None = None
+) -> PhotoTensors:
+    """A working copy -> pixels, aspect and cue tokens for `config`; `cues` (64, C), when given,
+    are the photo's lite tokens already computed (by the retrieval encoder)."""
     size = config.input_size
     resized = image.resize((size, size), Image.Resampling.BILINEAR)
     pixels = torch.from_numpy(np.asarray(resized, np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
-    cues = torch.from_numpy(describe(image)) if config.cue_channels else None
-    return PhotoTensors((pixels - mean) / std, float(np.log(image.width / image.height)), cues)
+    cue_tokens = None
+    if config.cue_channels:
+        cue_tokens = torch.from_numpy(
+            np.asarray(describe(image) if cues is None else cues, np.float32)
+        )
+    return PhotoTensors(
+        (pixels - mean) / std, float(np.log(image.width / image.height)), cue_tokens
+    )
 
 
 def collate_inputs(

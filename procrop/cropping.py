@@ -1,0 +1,108 @@
+"""`procrop crop`: the main job. Photos in, ranked crops out (text, JSON lines, crop files, overlay).
+
+Photos are read and decoded on a small thread pool while the model works on the previous batch;
+a photo that cannot be read is reported on stderr and the others go on (exit status 1 at the end).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from PIL import Image, ImageDraw, ImageFont
+
+from services.cropper.predictor import CropPredictor, CropResult
+from shared.errors import InvalidImageError
+from shared.images import content_hash, decode_image, read_bytes
+
+OVERLAY_COLOURS = ("#ff3b30", "#ffcc00", "#34c759", "#0a84ff", "#af52de", "#ff9500")
+
+
+@dataclass(frozen=True)
+class Photo:
+    path: str
+    sha256: str
+    image: Image.Image
+
+
+def read_photos(paths: Sequence[str], max_pixels: int, batch: int) -> Iterator[list[Photo | str]]:
+    """Batches of decoded photos (or an error message in place of a photo that failed)."""
+
+    def load(path: str) -> Photo | str:
+        try:
+            data = read_bytes(path)
+            return Photo(path, content_hash(data), decode_image(data, path, max_pixels))
+        except InvalidImageError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(2) as pool:
+        for start in range(0, len(paths), batch):
+            yield list(pool.map(load, paths[start : start + batch]))
+
+
+def run_crop(
+    predictor: CropPredictor,
+    paths: Sequence[str],
+    n: int,
+    aspect_ratios: Sequence[str],
+    as_json: bool,
+    out: Path | None,
+    max_pixels: int,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Crop every photo; returns the number of photos that failed."""
+    failed = 0
+    for batch in read_photos(paths, max_pixels, predictor.batch_size):
+        photos = [p for p in batch if isinstance(p, Photo)]
+        for error in (p for p in batch if isinstance(p, str)):
+            click.echo(f"procrop: skipped {error}", err=True)
+            failed += 1
+        results = predictor.crop(
+            [p.image for p in photos], [p.sha256 for p in photos], n, aspect_ratios
+        )
+        for photo, result in zip(photos, results, strict=True):
+            click.echo(format_result(photo.path, result, as_json))
+            if out is not None:
+                write_outputs(photo, result, out)
+        if on_progress:
+            on_progress(len(batch))
+    return failed
+
+
+def format_result(path: str, result: CropResult, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"image": path, **result.to_dict()})
+    lines = [f"{path} ({result.width}x{result.height})"]
+    for rank, crop in enumerate(result.crops, 1):
+        ratio = f"  {crop.aspect_ratio}" if crop.aspect_ratio else ""
+        lines.append(f"  {rank}. {crop.score:.3f}  {' '.join(map(str, crop.box))}{ratio}")
+    return "\n".join(lines)
+
+
+def write_outputs(photo: Photo, result: CropResult, out: Path) -> None:
+    """`STEM.crop1.jpg`... (best first) and `STEM.overlay.png` in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(photo.path).stem
+    for rank, crop in enumerate(result.crops, 1):
+        photo.image.crop(crop.box).save(out / f"{stem}.crop{rank}.jpg", quality=92)
+    overlay(photo.image, result).save(out / f"{stem}.overlay.png")
+
+
+def overlay(image: Image.Image, result: CropResult) -> Image.Image:
+    """The photo with its ranked crops drawn on it, best last (on top), labelled rank and score."""
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(max(canvas.size) / 300))
+    font = ImageFont.load_default(size=max(12, round(max(canvas.size) / 40)))
+    for rank in range(len(result.crops), 0, -1):
+        crop = result.crops[rank - 1]
+        colour = OVERLAY_COLOURS[(rank - 1) % len(OVERLAY_COLOURS)]
+        draw.rectangle(crop.box, outline=colour, width=width if rank > 1 else 2 * width)
+        label = f"#{rank} {crop.score:.2f}" + (f" {crop.aspect_ratio}" if crop.aspect_ratio else "")
+        x, y = crop.box[0] + 2 * width, crop.box[1] + 2 * width
+        draw.text((x, y), label, fill=colour, font=font, stroke_width=2, stroke_fill="black")
+    return canvas
