@@ -110,6 +110,12 @@ def load_resnet_weights(body: resnet.ResNet, name: str, weights: str) -> None:
     else:
         state = _read_state_dict(Path(weights))
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = body.state_dict()
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:  # load_state_dict would raise a multi-line RuntimeError, even with strict=False
+        raise ModelLoadError(
+            f"backbone weights {weights} do not fit {name}: {len(wrong)} mis-shaped (e.g. {wrong[0]})"
+        )
     missing, unexpected = body.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:

@@ -161,7 +161,8 @@ class ProCrop(nn.Module):
             p_r, att = self.retrieval_fusion(f_i, pos_i, tokens.flatten(1, 2), pos_r)
             parts += [(p_r, pos_r, _no_pad(p_r)), (att, pos_i + s[2], _no_pad(att))]
             if self.config.use_annotations:
-                boxes, mask = _required(inputs.boxes, "boxes"), _required(inputs.box_mask, "mask")
+                boxes = _required(inputs.boxes, "boxes")
+                mask = _required(inputs.box_mask, "box_mask")
                 crops = self.crop_embed(sine_embed(boxes, d // 4))  # (B, K, d)
                 pos_c = sine_embed(boxes[..., :2], d // 2) + self.rank_embed[:k] + s[3]
                 parts.append((crops, pos_c, ~mask))
