@@ -395,6 +395,7 @@ def bundle_cmd(
     """
     from services.cropper.bundle import export_index
     from services.cropper.checkpoint import load_checkpoint, open_location, save_checkpoint
+    from services.cropper.runtime import ONNX_FILE, example_arrays, export_onnx
     from services.retriever.relations import read_relations
     from services.retriever.token_store import TokenStore
     from shared.storage import LocalObjectStore
@@ -405,6 +406,9 @@ def bundle_cmd(
     hashes = {entry["content_hash"]: name for name, entry in photos.items()}
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(LocalObjectStore(out), "", model, info=info)
+    error = export_onnx(model, out / ONNX_FILE, example_arrays(model.config))
+    if error > 1e-3:
+        raise ProCropError(f"the ONNX export differs from torch by {error:.2e}; not bundling it")
     count = export_index(index, TokenStore(store, collection), collection, hashes, out)
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     click.echo(f"{out}: model + index of {count} photos ({size:.1f} MB)")
@@ -414,7 +418,7 @@ def bundle_cmd(
 @pass_settings
 @handle_errors
 def demo_cmd(settings: Settings) -> None:
-    """Index sample photos shipped with scikit-image and show a photo's compositional neighbours."""
+    """Crop real sample photos (shipped with scikit-image) and write their overlays."""
     from procrop.demo import run_demo
 
     run_demo(settings)

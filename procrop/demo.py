@@ -1,4 +1,4 @@
-"""`procrop demo`: index real sample photos that scikit-image ships, then show a photo's neighbours."""
+"""`procrop demo`: the main job, `procrop crop`, on real sample photos that scikit-image ships."""
 
 from __future__ import annotations
 
@@ -7,22 +7,11 @@ from pathlib import Path
 
 import click
 
-from services.embedder.registry import build_encoder
-from services.retriever.ingest import Ingestor
-from services.retriever.search import Query, Retriever
-from services.retriever.sources import list_photos
-from shared.images import content_hash, decode_image
+from procrop.cropping import run_crop
+from services.cropper.predictor import build_predictor
 from shared.settings import Settings
-from shared.storage import build_object_store
-from shared.vector_index import open_index
 
-SAMPLES = (
-    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
-    "grass.png", "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png",
-    "retina.jpg", "rocket.jpg",
-)  # fmt: skip
-QUERY = "chelsea.png"
-COLLECTION = "demo_samples"
+SAMPLES = ("chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")
 
 
 def sample_folder(settings: Settings) -> Path:
@@ -38,21 +27,12 @@ def sample_folder(settings: Settings) -> Path:
     return folder
 
 
-def run_demo(settings: Settings, k: int = 5) -> None:
+def run_demo(settings: Settings, n: int = 3) -> Path:
+    """Crop the samples with the shipped lite model; returns the folder of crops and overlays."""
     folder = sample_folder(settings)
-    encoder = build_encoder(settings.embedder, "lite")
-    index = open_index(settings)
-    store = build_object_store(settings)
-    report = Ingestor(COLLECTION, encoder, index, store).run(list_photos(str(folder), settings))
-    click.echo(
-        f"indexed {report.added} new sample photos ({report.already_present} already there) "
-        f"into collection {COLLECTION!r} at {index.uri}"
-    )
-    query = folder / QUERY
-    data = query.read_bytes()
-    neighbors = Retriever(COLLECTION, encoder, index).search(
-        [Query(QUERY, content_hash(data), decode_image(data, str(query)))], k
-    )[0]
-    click.echo(f"compositional neighbours of {query}:")
-    for rank, n in enumerate(neighbors, 1):
-        click.echo(f"  {rank}. {n.score:+.3f}  {Path(n.source).name}")
+    out = settings.home / "demo" / "out"
+    predictor = build_predictor(settings, "lite")
+    paths = [str(folder / name) for name in SAMPLES]
+    run_crop(predictor, paths, n, (), False, out, settings.max_image_pixels)
+    click.echo(f"crops and overlays (STEM.overlay.png) in {out}")
+    return out

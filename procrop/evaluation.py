@@ -78,22 +78,21 @@ def _collect(
         top1["centre 90%"] = np.array([0.05 * w, 0.05 * h, 0.95 * w, 0.95 * h])
         knn = _knn_transfer(predictor, photo)
         if knn is not None:
-            top1[f"kNN-{predictor.model.config.k} median"] = denormalize_xyxy(knn, w, h)
+            top1[f"kNN-{predictor.config.k} median"] = denormalize_xyxy(knn, w, h)
     for method, box in top1.items():
         got.top1.setdefault(method, []).append(box)
 
 
 def _knn_transfer(predictor: CropPredictor, photo: Photo) -> np.ndarray | None:
+    """kNN crop transfer: the per-coordinate median of the neighbours' crops (normalized xyxy)."""
     from services.cropper.inputs import working_copy
-    from services.retriever.search import median_crop
 
-    if predictor.retriever is None:
+    if predictor.retrieval is None:
         return None
     vector = predictor.encoder.encode([working_copy(photo.image)]).vectors
-    neighbors = predictor.retriever.search_vectors(
-        vector, [photo.sha256], predictor.model.config.k
-    )[0]
-    return median_crop(neighbors)
+    neighbors = predictor.retrieval.neighbors(vector, [photo.sha256])[0]
+    crops = neighbors.crops[neighbors.has_crop]
+    return np.median(crops.astype(np.float64), axis=0) if len(crops) else None
 
 
 def _report(got: _Collected) -> dict[str, dict[str, float]]:

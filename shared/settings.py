@@ -81,6 +81,7 @@ class CropSettings(BaseModel):
     model: str | None = None  # checkpoint or bundle folder, or s3:// prefix; None: shipped lite
     collection: str | None = None  # composition index to retrieve from; None: the bundle's own
     device: str = "auto"
+    runtime: Literal["auto", "onnx", "torch"] = "auto"  # auto: ONNX Runtime for bundles on a CPU
     batch_size: int = Field(default=16, ge=1, le=1024)
 
 

@@ -21,11 +21,10 @@ from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
 
 from services.cropper.config import ModelConfig
+from services.embedder.base import GRID
 from shared.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -68,8 +67,7 @@ class LiteBackbone(nn.Module):
             return x
         if cues is None:
             raise ValueError("the lite backbone needs the cue tokens of each photo")
-        side = round(cues.shape[1] ** 0.5)
-        grid = cues.transpose(1, 2).reshape(len(cues), -1, side, side)  # (B, C, 8, 8)
+        grid = cues.transpose(1, 2).unflatten(2, (GRID, GRID))  # (B, C, 8, 8)
         if grid.shape[-2:] != x.shape[-2:]:
             grid = F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return torch.cat([x, grid], dim=1)

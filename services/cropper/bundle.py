@@ -70,13 +70,13 @@ def bundle_collection(bundle_dir: str | Path) -> str:
     if not path.is_file():
         raise ModelLoadError(f"no composition index in the model bundle {bundle_dir}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-    return f"bundle_{_read(path)[1]['collection']}_{digest}"
+    return f"bundle_{read_index(path)[1]['collection']}_{digest}"
 
 
 def install_bundle(bundle_dir: str | Path, index: VectorIndex, store: ObjectStore) -> str:
     """Make the bundle's index searchable (once); returns its collection name."""
     name = bundle_collection(bundle_dir)
-    arrays, meta = _read(Path(bundle_dir) / INDEX_FILE)
+    arrays, meta = read_index(Path(bundle_dir) / INDEX_FILE)
     photos = json.loads(meta["photos"])
     if index.has_collection(name) and index.count(name) == len(photos):
         return name
@@ -106,7 +106,8 @@ def _row(
     return IndexedPhoto(sha, arrays["vectors"][i], f"bundle:{name}", key, row, width, height, crops)
 
 
-def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_index(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A bundle's index arrays and metadata; raises `ModelLoadError` if unreadable."""
     from safetensors import safe_open
 
     try:

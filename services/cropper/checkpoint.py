@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from services.cropper.config import ModelConfig
+from services.cropper.config import CHECKPOINT_FORMAT, ModelConfig, config_from_json
 from services.cropper.model import ProCrop, build_model
 from shared.errors import ModelLoadError, ObjectNotFoundError, ProCropError
 from shared.settings import Settings
 from shared.storage import LocalObjectStore, ObjectStore, build_object_store, parse_s3_uri
 
 WEIGHTS, CONFIG, TRAINER = "model.safetensors", "config.json", "trainer.pt"
-FORMAT = "procrop-crop-model-v1"
+FORMAT = CHECKPOINT_FORMAT
 
 
 def open_location(location: str, settings: Settings | None = None) -> tuple[ObjectStore, str]:
@@ -58,17 +58,10 @@ def save_checkpoint(
 def read_config(store: ObjectStore, prefix: str) -> tuple[ModelConfig, dict[str, Any]]:
     """(ModelConfig, provenance info) of a checkpoint."""
     try:
-        data = json.loads(store.get(_key(prefix, CONFIG)))
+        data = store.get(_key(prefix, CONFIG))
     except ObjectNotFoundError:
         raise ModelLoadError(f"no crop model at {store.uri(prefix)} (missing {CONFIG})") from None
-    except ValueError as exc:
-        raise ModelLoadError(f"{store.uri(_key(prefix, CONFIG))}: not JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ModelLoadError(f"{store.uri(_key(prefix, CONFIG))}: not a {FORMAT} config")
-    try:
-        return ModelConfig.from_dict(data["model"]), data.get("info", {})
-    except (ProCropError, TypeError) as exc:
-        raise ModelLoadError(f"{store.uri(_key(prefix, CONFIG))}: {exc}") from None
+    return config_from_json(data, store.uri(_key(prefix, CONFIG)))
 
 
 def load_checkpoint(store: ObjectStore, prefix: str) -> tuple[ProCrop, dict[str, Any]]:

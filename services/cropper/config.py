@@ -7,6 +7,7 @@ with the shape it was trained with; `ModelConfig.from_dict` refuses unknown keys
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,25 @@ class LossConfig:
     focal_gamma: float = 2.0
     soft_iou: float = 0.85  # unmatched proposals this close to a ground truth get a soft target
     aux_loss: bool = True  # supervise every decoder layer
+
+
+CHECKPOINT_FORMAT = "procrop-crop-model-v1"
+
+
+def config_from_json(data: bytes, source: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """A checkpoint's `config.json` -> (ModelConfig, provenance info); errors name `source`."""
+    from shared.errors import ModelLoadError
+
+    try:
+        parsed = json.loads(data)
+    except ValueError as exc:
+        raise ModelLoadError(f"{source}: not JSON ({exc})") from None
+    if not isinstance(parsed, dict) or parsed.get("format") != CHECKPOINT_FORMAT:
+        raise ModelLoadError(f"{source}: not a {CHECKPOINT_FORMAT} config")
+    try:
+        return ModelConfig.from_dict(parsed["model"]), parsed.get("info", {})
+    except (ProCropError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
 
 
 PROFILES: dict[str, ModelConfig] = {

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from services.cropper.config import ModelConfig
-from services.cropper.inputs import Neighbors, PhotoTensors, collate_inputs, photo_tensors
+from services.cropper.inputs import Neighbors, PhotoArrays, batch_arrays, photo_arrays
 from services.cropper.model import CropInputs
 from shared.boxes import xyxy_to_cxcywh
 
@@ -44,7 +44,7 @@ class Augment:
 
 @dataclass(frozen=True)
 class Sample:
-    photo: PhotoTensors
+    photo: PhotoArrays
     neighbors: Neighbors | None
     text: np.ndarray | None
     targets: torch.Tensor  # (G, 4) cxcywh
@@ -83,7 +83,7 @@ class CropDataset(Dataset):
                 neighbors = neighbors.flipped() if neighbors is not None else None
         targets = torch.from_numpy(xyxy_to_cxcywh(crops).astype(np.float32))
         return Sample(
-            photo_tensors(image, self.config),
+            photo_arrays(image, self.config),
             neighbors if self.config.use_retrieval else None,
             photo.text if self.config.use_text else None,
             targets,
@@ -94,12 +94,16 @@ class CropDataset(Dataset):
 def collate(samples: list[Sample]) -> tuple[CropInputs, list[torch.Tensor], list[torch.Tensor]]:
     """Samples -> (model inputs, targets (G_b, 4) cxcywh, score targets (G_b,))."""
     first = samples[0]
-    inputs = collate_inputs(
+    arrays = batch_arrays(
         [s.photo for s in samples],
         [s.neighbors for s in samples] if first.neighbors is not None else None,  # type: ignore[misc]
         [s.text for s in samples] if first.text is not None else None,  # type: ignore[misc]
     )
-    return inputs, [s.targets for s in samples], [s.weights for s in samples]
+    return (
+        CropInputs.from_arrays(arrays),
+        [s.targets for s in samples],
+        [s.weights for s in samples],
+    )
 
 
 def random_window(

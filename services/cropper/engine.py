@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.cropper.inputs import rank_proposals
 from services.cropper.loss import SetCriterion
 from services.cropper.model import CropInputs
 from shared.boxes import cxcywh_to_xyxy
@@ -52,14 +53,11 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: CropInputs) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, inputs: CropInputs) -> tuple[np.ndarray, np.ndarray]:
     """Proposals ranked best first: scores (B, Q) in (0, 1) and boxes (B, Q, 4) normalized xyxy."""
     model.eval()
     out = model(inputs)
-    scores = out["logits"].sigmoid()
-    order = scores.argsort(dim=1, descending=True)
-    boxes = cxcywh_to_xyxy(out["boxes"]).clamp(0, 1)
-    return scores.gather(1, order), boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    return rank_proposals(out["logits"].float().cpu().numpy(), out["boxes"].float().cpu().numpy())
 
 
 @torch.no_grad()
@@ -68,7 +66,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -
     ious, disps = [], []
     for inputs, targets, _ in batches:
         _, boxes = predict(model, inputs.to(device))
-        for top, truth in zip(boxes[:, 0].cpu().numpy(), targets, strict=True):
+        for top, truth in zip(boxes[:, 0], targets, strict=True):
             iou, disp = best_iou_and_disp(top, cxcywh_to_xyxy(truth).numpy(), 1.0, 1.0)
             ious.append(iou)
             disps.append(disp)

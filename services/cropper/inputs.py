@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
-from services.cropper.backbone import IMAGENET_MEAN, IMAGENET_STD
 from services.cropper.config import ModelConfig
-from services.cropper.model import CropInputs
 from services.embedder.lite import describe
-from shared.boxes import xyxy_to_cxcywh
+from shared.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 
 WORK_SIDE = 256  # working copy: enough for a 128-pixel model input and the 8 x 8 cue grid
 
@@ -70,56 +70,53 @@ def neighbors_from(tokens: np.ndarray, crops: list[list[float] | None], k: int) 
 
 
 @dataclass(frozen=True)
-class PhotoTensors:
+class PhotoArrays:
     """One photo as the model reads it (see `CropInputs` for shapes)."""
 
-    image: torch.Tensor  # (3, S, S)
-    aspect: float
-    cues: torch.Tensor | None  # (64, C)
+    image: np.ndarray  # (3, S, S) float32, ImageNet-normalized
+    aspect: float  # log(width / height)
+    cues: np.ndarray | None  # (64, C) float32
 
 
-def photo_tensors(
+def photo_arrays(
     image: Image.Image, config: ModelConfig, cues: np.ndarray | None = None
-) -> PhotoTensors:
+) -> PhotoArrays:
     """A working copy -> pixels, aspect and cue tokens for `config`; `cues` (64, C), when given,
     are the photo's lite tokens already computed (by the retrieval encoder)."""
     size = config.input_size
     resized = image.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(resized, np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    pixels = np.asarray(resized, np.float32).transpose(2, 0, 1) / 255.0  # (3, S, S)
     cue_tokens = None
     if config.cue_channels:
-        cue_tokens = torch.from_numpy(
-            np.asarray(describe(image) if cues is None else cues, np.float32)
-        )
-    return PhotoTensors(
-        (pixels - mean) / std, float(np.log(image.width / image.height)), cue_tokens
-    )
+        cue_tokens = np.asarray(describe(image) if cues is None else cues, np.float32)
+    aspect = float(np.log(image.width / image.height))
+    return PhotoArrays((pixels - IMAGENET_MEAN) / IMAGENET_STD, aspect, cue_tokens)
 
 
-def collate_inputs(
-    photos: list[PhotoTensors],
+def batch_arrays(
+    photos: list[PhotoArrays],
     neighbors: list[Neighbors] | None = None,
     text: list[np.ndarray] | None = None,
-) -> CropInputs:
-    """Stack photos (and their neighbours and (L, D) text tokens) into one batch."""
-    batch = CropInputs(
-        images=torch.stack([p.image for p in photos]),
-        aspect=torch.tensor([p.aspect for p in photos], dtype=torch.float32),
-        cues=torch.stack([p.cues for p in photos]) if photos[0].cues is not None else None,
-    )
+) -> dict[str, np.ndarray]:
+    """Stack photos (and their neighbours and (L, D) text tokens) into one batch, keyed by the
+    names of `CropInputs` fields."""
+    batch = {
+        "images": np.stack([p.image for p in photos]).astype(np.float32),
+        "aspect": np.asarray([p.aspect for p in photos], np.float32),
+    }
+    if photos[0].cues is not None:
+        batch["cues"] = np.stack([p.cues for p in photos]).astype(np.float32)  # type: ignore[misc]
     if neighbors is not None:
-        batch.tokens = torch.from_numpy(np.stack([n.tokens for n in neighbors]))
-        crops = np.stack([n.crops for n in neighbors])  # (B, K, 4) xyxy
-        batch.boxes = torch.from_numpy(xyxy_to_cxcywh(crops).astype(np.float32))
-        batch.box_mask = torch.from_numpy(np.stack([n.has_crop for n in neighbors]))
+        batch["tokens"] = np.stack([n.tokens for n in neighbors]).astype(np.float32)
+        crops = np.stack([n.crops for n in neighbors]).astype(np.float64)  # (B, K, 4) xyxy
+        batch["boxes"] = xyxy_to_cxcywh(crops).astype(np.float32)
+        batch["box_mask"] = np.stack([n.has_crop for n in neighbors])
     if text is not None:
-        batch.text, batch.text_mask = _pad_text(text)
+        batch["text"], batch["text_mask"] = _pad_text(text)
     return batch
 
 
-def _pad_text(text: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_text(text: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(L_i, D) token rows (all-zero rows are padding) -> (B, L, D) and (B, L) mask."""
     length = max(len(t) for t in text)
     out = np.zeros((len(text), length, text[0].shape[1]), np.float32)
@@ -128,4 +125,13 @@ def _pad_text(text: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         out[i, : len(t)] = t
         mask[i, : len(t)] = np.abs(t).sum(1) > 0
         mask[i, 0] = True  # the first token ([CLS] / [ENC]) is always real
-    return torch.from_numpy(out), torch.from_numpy(mask)
+    return out, mask
+
+
+def rank_proposals(logits: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw model output -> proposals best first: scores (B, Q) in (0, 1), boxes (B, Q, 4)
+    normalized xyxy clipped to the photo. `boxes` are the model's (B, Q, 4) cxcywh."""
+    scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    order = np.argsort(-scores, axis=1, kind="stable")
+    xyxy = np.clip(cxcywh_to_xyxy(boxes.astype(np.float64)), 0.0, 1.0)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(xyxy, order[..., None], 1)

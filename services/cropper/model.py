@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +29,7 @@ from services.cropper.transformer import (
     grid_positions,
     sine_embed,
 )
+from services.embedder.base import GRID
 
 EPS = 1e-3  # anchors are kept inside (EPS, 1 - EPS) so their inverse sigmoid stays finite
 
@@ -54,6 +56,11 @@ class CropInputs:
     box_mask: torch.Tensor | None = None
     text: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CropInputs:
+        """Tensors of a batch made by `services.cropper.inputs.batch_arrays`."""
+        return cls(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
     def to(self, device: torch.device | str) -> CropInputs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -143,19 +150,18 @@ class ProCrop(nn.Module):
         pos_i = grid_positions(h, w, f_i.shape[-1], f_i.device)[None]  # (1, h * w, d)
         for layer in self.encoder:
             f_i = layer(f_i, pos_i)
-        return f_i, pos_i.expand(len(f_i), -1, -1)
+        return f_i, pos_i.expand(f_i.shape[0], -1, -1)
 
     def _fuse(
         self, inputs: CropInputs, f_i: torch.Tensor, pos_i: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Memory of the decoder: (B, M, d) tokens, (B, M, d) positions, (B, M) padding mask."""
-        b, d, s = len(f_i), f_i.shape[-1], self.stream_embed
+        b, d, s = f_i.shape[0], f_i.shape[-1], self.stream_embed
         parts = [(f_i, pos_i + s[0], _no_pad(f_i))]
         if self.config.use_retrieval:
             tokens = _required(inputs.tokens, "tokens")  # (B, K, 64, T)
             k, t = tokens.shape[1], tokens.shape[2]
-            side = round(t**0.5)
-            cell_pos = grid_positions(side, side, d, f_i.device)  # (64, d)
+            cell_pos = grid_positions(GRID, GRID, d, f_i.device)  # (64, d)
             pos_r = (cell_pos[None] + self.rank_embed[:k, None]).reshape(1, k * t, d)
             pos_r = pos_r.expand(b, -1, -1) + s[1]
             p_r, att = self.retrieval_fusion(f_i, pos_i, tokens.flatten(1, 2), pos_r)
@@ -176,7 +182,7 @@ class ProCrop(nn.Module):
 
     def _queries(self, inputs: CropInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder queries: content (B, Q, d) and anchors (B, Q, 4) cxcywh."""
-        b, d = len(inputs), self.config.hidden_dim
+        b, d = inputs.images.shape[0], self.config.hidden_dim
         anchors = self.anchors.sigmoid()[None].expand(b, -1, -1)
         tgt = anchors.new_zeros(b, self.config.num_queries, d)
         if self.config.num_anchor_queries:
@@ -189,15 +195,18 @@ class ProCrop(nn.Module):
 def retrieved_anchors(boxes: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, K, 4) neighbour crops (cxcywh) -> (B, K + 1, 4) anchors: each crop, then their median.
 
-    A neighbour without a crop takes the median of the others; with none at all, the whole photo.
+    The median is per coordinate, over the neighbours that have a crop (the lower middle value
+    for an even count); a neighbour without a crop takes that median; with none, the whole photo.
     """
     if mask is None:
         mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
     present = mask[..., None].expand_as(boxes)
-    nan_filled = torch.where(present, boxes, torch.full_like(boxes, float("nan")))
-    median = nan_filled.nanmedian(dim=1).values  # (B, 4), NaN where no neighbour has a crop
+    ordered = torch.where(present, boxes, torch.full_like(boxes, 2.0)).sort(dim=1).values
+    count = mask.sum(1)  # (B,)
+    middle = ((count - 1).clamp(min=0) // 2)[:, None, None].expand(-1, 1, 4)
+    median = ordered.gather(1, middle).squeeze(1)  # (B, 4)
     whole = torch.tensor([0.5, 0.5, 1.0, 1.0], device=boxes.device, dtype=boxes.dtype)
-    median = torch.where(torch.isnan(median), whole.expand_as(median), median)
+    median = torch.where((count > 0)[:, None], median, whole.expand_as(median))
     filled = torch.where(present, boxes, median[:, None].expand_as(boxes))
     return torch.cat([filled, median[:, None]], 1).clamp(EPS, 1 - EPS)
 

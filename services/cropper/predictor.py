@@ -4,9 +4,10 @@
     results = predictor.crop(images, hashes, n=5, aspect_ratios=["16:9"])
 
 Per batch: 1. working copies; 2. composition tokens + index vectors (the retrieval encoder; for
-lite the same tokens are the backbone's cue maps); 3. top-K neighbours from the vector index and
-their tokens from the object store; 4. BLIP multimodal tokens (paper profile); 5. the model's
-ranked proposals; 6. near-duplicates suppressed, aspect ratios fitted, pixels rounded.
+lite the same tokens are the backbone's cue maps); 3. the top-K neighbours (`retrieval`);
+4. BLIP multimodal tokens (paper profile); 5. the model's ranked proposals (`runtime`: ONNX
+Runtime or torch); 6. near-duplicates suppressed, aspect ratios fitted, pixels rounded.
+This module imports no torch: the lite path runs on numpy and ONNX Runtime alone.
 """
 
 from __future__ import annotations
@@ -14,21 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from services.cropper.engine import predict
-from services.cropper.inputs import (
-    Neighbors,
-    collate_inputs,
-    neighbors_from,
-    photo_tensors,
-    working_copy,
-)
-from services.cropper.model import ProCrop
+from services.cropper.config import ModelConfig
+from services.cropper.inputs import batch_arrays, photo_arrays, working_copy
 from services.cropper.postprocess import (
     AspectRatio,
     fit_aspect_ratio,
@@ -36,9 +30,9 @@ from services.cropper.postprocess import (
     round_to_pixels,
     suppress_near_duplicates,
 )
+from services.cropper.retrieval import Retrieval
+from services.cropper.runtime import Runner
 from services.embedder.base import CompositionEncoder
-from services.retriever.search import Retriever
-from services.retriever.token_store import TokenStore
 from shared.boxes import box_iou, denormalize_xyxy
 
 log = logging.getLogger(__name__)
@@ -86,23 +80,22 @@ class CropPredictor:
 
     def __init__(
         self,
-        model: ProCrop,
+        runner: Runner,
         encoder: CompositionEncoder,
-        retriever: Retriever | None = None,
-        tokens: TokenStore | None = None,
+        retrieval: Retrieval | None = None,
         text: Any = None,
-        device: torch.device | None = None,
         batch_size: int = 16,
     ) -> None:
-        self.model, self.encoder, self.retriever, self.tokens = model, encoder, retriever, tokens
-        self.text, self.batch_size = text, batch_size
-        self.device = device or torch.device("cpu")
-        self.model.to(self.device).eval()
-        config = model.config
-        if config.use_retrieval and (retriever is None or tokens is None):
-            raise ValueError("this model retrieves compositions: give it a retriever and tokens")
-        if config.use_text and text is None:
+        self.runner, self.encoder, self.retrieval, self.text = runner, encoder, retrieval, text
+        self.batch_size = batch_size
+        if self.config.use_retrieval and retrieval is None:
+            raise ValueError("this model retrieves compositions: give it a retrieval")
+        if self.config.use_text and text is None:
             raise ValueError("this model reads BLIP text: give it a text embedder")
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.runner.config
 
     def propose(
         self, images: Sequence[Image.Image], hashes: Sequence[str | None]
@@ -114,36 +107,23 @@ class CropPredictor:
             out += self._propose_batch(batch, list(hashes[start : start + self.batch_size]))
         return out
 
-    @torch.no_grad()
     def _propose_batch(
         self, copies: list[Image.Image], hashes: list[str | None]
     ) -> list[Proposals]:
-        config = self.model.config
+        config = self.config
         embedding = self.encoder.encode(copies)
         cues = embedding.tokens if config.cue_channels else [None] * len(copies)
-        photos = [photo_tensors(im, config, cues=c) for im, c in zip(copies, cues, strict=True)]
-        neighbors = self._neighbors(embedding.vectors, hashes) if config.use_retrieval else None
+        photos = [photo_arrays(im, config, cues=c) for im, c in zip(copies, cues, strict=True)]
+        neighbors = None
+        if config.use_retrieval:
+            assert self.retrieval is not None
+            neighbors = self.retrieval.neighbors(embedding.vectors, hashes)
         text = None
         if config.use_text:
             described = self.text.describe(copies).embedding
             text = [described.tokens[i][described.mask[i]] for i in range(len(copies))]
-        inputs = collate_inputs(photos, neighbors, text).to(self.device)
-        scores, boxes = predict(self.model, inputs)
-        return [
-            Proposals(s.cpu().numpy(), b.cpu().numpy()) for s, b in zip(scores, boxes, strict=True)
-        ]
-
-    def _neighbors(self, vectors: np.ndarray, hashes: list[str | None]) -> list[Neighbors]:
-        assert self.retriever is not None and self.tokens is not None
-        k = self.model.config.k
-        rows = self.retriever.search_vectors(vectors, hashes, k)
-        out = []
-        for row in rows:
-            grids = self.tokens.read_many([(n.tokens_key, n.token_row) for n in row])
-            out.append(
-                neighbors_from(grids, [n.crops_norm[0] if n.crops_norm else None for n in row], k)
-            )
-        return out
+        scores, boxes = self.runner(batch_arrays(photos, neighbors, text))
+        return [Proposals(s, b) for s, b in zip(scores, boxes, strict=True)]
 
     def crop(
         self,
@@ -206,14 +186,11 @@ def build_predictor(
     settings: Any, profile: str = "lite", model: str | None = None, collection: str | None = None
 ) -> CropPredictor:
     """The predictor for `profile`: `model` (a checkpoint or bundle location) or, for lite, the
-    shipped bundle; retrieval from `collection` or the bundle's own index."""
-    from services.cropper.bundle import INDEX_FILE, LITE_BUNDLE, install_bundle
-    from services.cropper.checkpoint import load_checkpoint, open_location
+    shipped bundle. Neighbours come from `collection` (Milvus) or else the bundle's own index.
+    A bundle with `model.onnx` runs on ONNX Runtime on a CPU unless PROCROP_CROP__RUNTIME=torch."""
+    from services.cropper.bundle import INDEX_FILE, LITE_BUNDLE
     from services.embedder.registry import build_encoder
-    from shared.devices import resolve_device
     from shared.errors import ModelLoadError, ProCropError
-    from shared.storage import LocalObjectStore, build_object_store
-    from shared.vector_index import open_index
 
     location = model or settings.crop.model
     if location is None:
@@ -222,30 +199,71 @@ def build_predictor(
                 "the paper profile has no shipped model: give --model (or PROCROP_CROP__MODEL)"
             )
         location = str(LITE_BUNDLE)
-    crop_model, info = load_checkpoint(*open_location(location, settings))
-    if crop_model.config.profile != profile:
-        raise ModelLoadError(
-            f"{location} holds a {crop_model.config.profile!r} model, not {profile!r}"
-        )
+    runner = _runner(settings, location)
+    if runner.config.profile != profile:
+        raise ModelLoadError(f"{location} holds a {runner.config.profile!r} model, not {profile!r}")
     encoder = build_encoder(settings.embedder, "lite" if profile == "lite" else "sam")
-    retriever = tokens = None
-    if crop_model.config.use_retrieval:
-        index, store = open_index(settings), build_object_store(settings)
+    retrieval: Retrieval | None = None
+    if runner.config.use_retrieval:
         name = collection or settings.crop.collection
-        if name is None:
-            if not (
-                LocalObjectStore(location).exists(INDEX_FILE) if "://" not in location else False
-            ):
-                raise ProCropError(f"{location} has no composition index: give --collection")
-            name = install_bundle(location, index, store)
-        retriever, tokens = Retriever(name, encoder, index), TokenStore(store, name)
+        bundle_index = Path(location) / INDEX_FILE if "://" not in location else None
+        if name is not None:
+            retrieval = _milvus_retrieval(settings, name, encoder, runner.config.k)
+        elif bundle_index is not None and bundle_index.is_file():
+            from services.cropper.retrieval import BundleRetrieval
+
+            retrieval = BundleRetrieval(bundle_index, runner.config.k, encoder.spec)
+        else:
+            raise ProCropError(f"{location} has no composition index: give --collection")
     text = None
-    if crop_model.config.use_text:
+    if runner.config.use_text:
         from services.embedder.blip import build_blip
 
         text = build_blip(settings.embedder)
-    device = resolve_device(settings.crop.device)
-    log.info("crop model %s (%s)", location, info.get("epoch", "?"))
-    return CropPredictor(
-        crop_model, encoder, retriever, tokens, text, device, settings.crop.batch_size
-    )
+    return CropPredictor(runner, encoder, retrieval, text, settings.crop.batch_size)
+
+
+def _runner(settings: Any, location: str) -> Runner:
+    """ONNX Runtime for a bundle that has `model.onnx` (on a CPU), else torch."""
+    from services.cropper.runtime import ONNX_FILE, OnnxRunner, TorchRunner
+
+    onnx = Path(location) / ONNX_FILE if "://" not in location else None
+    want = settings.crop.runtime
+    if (
+        onnx is not None
+        and onnx.is_file()
+        and want != "torch"
+        and settings.crop.device in ("auto", "cpu")
+    ):
+        from services.cropper.config import config_from_json
+
+        config, _ = config_from_json((Path(location) / "config.json").read_bytes(), location)
+        if want == "onnx" or not _cuda_visible():
+            return OnnxRunner(onnx, config)
+    if want == "onnx":
+        from shared.errors import ProCropError
+
+        raise ProCropError(f"{location} has no {ONNX_FILE}; use PROCROP_CROP__RUNTIME=torch")
+    from services.cropper.checkpoint import load_checkpoint, open_location
+    from shared.devices import resolve_device
+
+    crop_model, _ = load_checkpoint(*open_location(location, settings))
+    return TorchRunner(crop_model, resolve_device(settings.crop.device))
+
+
+def _cuda_visible() -> bool:
+    """Whether a GPU is visible, without importing torch (which is what we want to avoid)."""
+    import os
+
+    return Path("/dev/nvidia0").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
+
+
+def _milvus_retrieval(settings: Any, name: str, encoder: CompositionEncoder, k: int) -> Retrieval:
+    from services.cropper.retrieval import MilvusRetrieval
+    from services.retriever.search import Retriever
+    from services.retriever.token_store import TokenStore
+    from shared.storage import build_object_store
+    from shared.vector_index import open_index
+
+    index, store = open_index(settings), build_object_store(settings)
+    return MilvusRetrieval(Retriever(name, encoder, index), TokenStore(store, name), k)

@@ -1,0 +1,136 @@
+"""Model runners: a batch of numpy inputs -> ranked proposals, on torch or on ONNX Runtime.
+
+The shipped lite model also ships as ONNX (`model.onnx`, exported from the same weights by
+`procrop bundle`), so `procrop crop` on a CPU runs without importing torch: starting torch costs
+more than cropping a hundred photos. `export_onnx` checks the exported graph against torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from services.cropper.config import ModelConfig
+from services.cropper.inputs import rank_proposals
+from shared.errors import ModelLoadError
+
+ONNX_FILE = "model.onnx"
+OUTPUTS = ("pred_logits", "pred_boxes")
+
+
+class Runner(Protocol):
+    config: ModelConfig
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (B, Q) and normalized xyxy boxes (B, Q, 4), best first."""
+        ...
+
+
+def input_names(config: ModelConfig) -> list[str]:
+    """The `CropInputs` fields a model of `config` reads, in a fixed order."""
+    names = ["images", "aspect"]
+    names += ["cues"] if config.cue_channels else []
+    names += ["tokens", "boxes", "box_mask"] if config.use_retrieval else []
+    names += ["text", "text_mask"] if config.use_text else []
+    return names
+
+
+class TorchRunner:
+    def __init__(self, model: Any, device: Any = "cpu") -> None:
+        self.model, self.device, self.config = model.to(device).eval(), device, model.config
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        from services.cropper.engine import predict
+        from services.cropper.model import CropInputs
+
+        return predict(self.model, CropInputs.from_arrays(arrays).to(self.device))
+
+
+class OnnxRunner:
+    def __init__(self, path: str | Path, config: ModelConfig, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own error types on bad files
+            raise ModelLoadError(f"{path}: unreadable ONNX model ({exc})") from None
+        self.config, self.names = config, input_names(config)
+        self._check(path)
+
+    def _check(self, path: str | Path) -> None:
+        """The graph's inputs and proposal count must be those of the config."""
+        example = example_arrays(self.config, batch=1)
+        graph = {i.name: i.shape[1:] for i in self.session.get_inputs()}
+        wanted = {name: list(example[name].shape[1:]) for name in self.names}
+        try:
+            logits = self.session.run([OUTPUTS[0]], {n: example[n] for n in self.names})[0]
+            queries = logits.shape[1]
+        except Exception:  # inputs of the wrong shape for the graph: reported below
+            queries = -1
+        expected_q = self.config.num_queries + self.config.num_anchor_queries
+        if graph != wanted or queries != expected_q:
+            raise ModelLoadError(
+                f"{path}: the ONNX graph does not match the model config "
+                f"(inputs {graph}, {queries} proposals; config wants {wanted}, {expected_q})"
+            )
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        logits, boxes = self.session.run(list(OUTPUTS), {n: arrays[n] for n in self.names})
+        return rank_proposals(logits, boxes)
+
+
+def example_arrays(config: ModelConfig, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the right shapes for `config` (for export and its check)."""
+    rng = np.random.default_rng(seed)
+    s, k = config.input_size, config.k
+    arrays = {
+        "images": rng.standard_normal((batch, 3, s, s)).astype(np.float32),
+        "aspect": rng.uniform(-0.5, 0.5, batch).astype(np.float32),
+        "cues": rng.standard_normal((batch, 64, max(config.cue_channels, 1))).astype(np.float32),
+        "tokens": rng.standard_normal((batch, k, 64, config.token_dim)).astype(np.float32),
+        "boxes": rng.uniform(0.3, 0.7, (batch, k, 4)).astype(np.float32),
+        "box_mask": rng.random((batch, k)) < 0.8,
+        "text": rng.standard_normal((batch, 5, config.text_dim)).astype(np.float32),
+        "text_mask": np.ones((batch, 5), bool),
+    }
+    return {n: arrays[n] for n in input_names(config)}
+
+
+def export_onnx(model: Any, path: str | Path, example: dict[str, np.ndarray]) -> float:
+    """Export `model` (eval mode) to ONNX with a dynamic batch; returns the largest difference
+    of its outputs from torch's on `example`, which must be small."""
+    import torch
+
+    from services.cropper.model import CropInputs
+
+    names = input_names(model.config)
+
+    class _Flat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.model(CropInputs(**dict(zip(names, tensors, strict=True))))
+            return out["logits"], out["boxes"]
+
+    flat = _Flat().eval()
+    tensors = tuple(torch.from_numpy(example[n]) for n in names)
+    dynamic = {n: {0: "batch"} for n in [*names, *OUTPUTS]}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on constants; the check below is the test
+        torch.onnx.export(
+            flat, tensors, str(path), input_names=names, output_names=list(OUTPUTS),
+            dynamic_axes=dynamic, dynamo=False, opset_version=17,
+        )  # fmt: skip
+        expected = [t.numpy() for t in flat(*tensors)]
+    got = OnnxRunner(path, model.config).session.run(list(OUTPUTS), {n: example[n] for n in names})
+    return float(max(np.abs(a - b).max() for a, b in zip(got, expected, strict=True)))
