@@ -65,7 +65,7 @@ class EmbedderSettings(BaseModel):
     """Composition encoders (services/embedder)."""
 
     encoder: Literal["lite", "sam"] = "lite"
-    sam_variant: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
+    sam_variant: Literal["vit_b", "vit_l", "vit_h", "vit_tiny"] = "vit_b"  # vit_tiny: tests
     sam_checkpoint: str | None = None  # path of a local SAM .pth checkpoint
     blip_model: str = (
         "Salesforce/blip-itm-base-coco"  # image-text model for the multimodal embedding

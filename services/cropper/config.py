@@ -81,6 +81,9 @@ class LossConfig:
     focal_gamma: float = 2.0
     soft_iou: float = 0.85  # unmatched proposals this close to a ground truth get a soft target
     aux_loss: bool = True  # supervise every decoder layer
+    # 1 = the paper's one-to-one matching. k > 1 matches each ground truth to k proposals
+    # (H-DETR's one-to-many branch): more box supervision per photo, for small datasets.
+    match_copies: int = 1
 
 
 CHECKPOINT_FORMAT = "procrop-crop-model-v1"

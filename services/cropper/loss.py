@@ -49,6 +49,11 @@ class SetCriterion:
         self, layer: dict, targets: list[torch.Tensor], weights: list[torch.Tensor], num: int
     ) -> dict[str, torch.Tensor]:
         logits, boxes = layer["logits"], layer["boxes"]
+        copies = self.config.match_copies
+        if copies > 1:  # one-to-many: each ground truth is matched to `copies` proposals
+            targets = [t.repeat(copies, 1) for t in targets]
+            weights = [w.repeat(copies) for w in weights]
+            num *= copies
         matches = self.matcher(logits, boxes, targets)
         score_target = self._score_targets(boxes, targets, weights, matches)
         focal = sigmoid_focal_loss(
