@@ -319,7 +319,7 @@ def train_cmd(
     from services.cropper.train import load_train_config, train
 
     config = load_train_config(config_path)
-    overrides = {"out": out, "epochs": epochs, "max_minutes": max_minutes}
+    overrides: dict[str, Any] = {"out": out, "epochs": epochs, "max_minutes": max_minutes}
     config = dataclasses.replace(
         config, optim=dataclasses.replace(config.optim, **{k: v for k, v in overrides.items() if v})
     )

@@ -54,9 +54,10 @@ def evaluate(
         for photo in batch:
             if isinstance(photo, str):
                 raise ProCropError(photo)
-        proposals = predictor.propose([p.image for p in batch], [p.sha256 for p in batch])  # type: ignore[union-attr]
-        for photo, name, prop in zip(batch, batch_names, proposals, strict=True):
-            _collect(got, predictor, photo, labels[name], prop, baselines)  # type: ignore[arg-type]
+        photos = [p for p in batch if not isinstance(p, str)]
+        proposals = predictor.propose([p.image for p in photos], [p.sha256 for p in photos])
+        for photo, name, prop in zip(photos, batch_names, proposals, strict=True):
+            _collect(got, predictor, photo, labels[name], prop, baselines)
         if on_progress:
             on_progress(len(batch))
     return _report(got)

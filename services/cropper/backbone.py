@@ -136,7 +136,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"cannot read backbone weights {path}: {exc}") from None
 
 
-def build_backbone(config: ModelConfig, load_weights: bool = True) -> nn.Module:
+def build_backbone(config: ModelConfig, load_weights: bool = True) -> LiteBackbone | ResNetBackbone:
     """The backbone named by `config`; weights are loaded only when `load_weights` (training)."""
     if config.backbone == "lite":
         return LiteBackbone(cue_channels=config.cue_channels)

@@ -46,7 +46,7 @@ def export_index(
     if not rows:
         raise ModelLoadError(f"collection {collection!r} holds none of the {len(hashes)} photos")
     crops = [(r["crops_norm"] or [[0.0, 0.0, 0.0, 0.0]])[0] for r in rows]
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "vectors": np.asarray([r["vector"] for r in rows], np.float32),
         "tokens": tokens.read_many([(r["tokens_key"], r["token_row"]) for r in rows]).astype(
             np.float16

@@ -38,11 +38,11 @@ class SetCriterion:
             for name, value in self._layer_losses(layer, targets, weights, num).items():
                 total[name if i == 0 else f"{name}_{i}"] = value
         c = self.config
-        total["loss"] = sum(
+        total["loss"] = torch.stack([
             c.weight_score * v if k.startswith("score")
             else c.weight_l1 * v if k.startswith("l1") else c.weight_giou * v
             for k, v in list(total.items())
-        )  # fmt: skip
+        ]).sum()  # fmt: skip
         return total
 
     def _layer_losses(

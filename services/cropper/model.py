@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.cropper.backbone import build_backbone
+from services.cropper.backbone import LiteBackbone, ResNetBackbone, build_backbone
 from services.cropper.config import ModelConfig
 from services.cropper.transformer import (
     MLP,
@@ -60,11 +60,12 @@ class CropInputs:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CropInputs:
         """Tensors of a batch made by `services.cropper.inputs.batch_arrays`."""
-        return cls(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        return cls(**tensors)
 
     def to(self, device: torch.device | str) -> CropInputs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return CropInputs(**{k: None if v is None else v.to(device) for k, v in moved.items()})
+        return CropInputs(**{k: None if v is None else v.to(device) for k, v in moved.items()})  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -91,7 +92,7 @@ def default_anchors(n: int) -> torch.Tensor:
 class ProCrop(nn.Module):
     """The crop model; `forward(CropInputs)` -> {"logits", "boxes", "aux"} (see `forward`)."""
 
-    def __init__(self, config: ModelConfig, backbone: nn.Module) -> None:
+    def __init__(self, config: ModelConfig, backbone: LiteBackbone | ResNetBackbone) -> None:
         super().__init__()
         d = config.hidden_dim
         self.config = config
@@ -117,8 +118,10 @@ class ProCrop(nn.Module):
         self.decoder = ConditionalDecoder(d, heads, config.ffn_dim, drop, config.dec_layers)
         self.score_head = nn.Linear(d, 1)
         self.box_head = MLP(d, d, 4, 3)
-        nn.init.zeros_(self.box_head.layers[-1].weight)  # proposals start on their anchors
-        nn.init.zeros_(self.box_head.layers[-1].bias)
+        last = self.box_head.layers[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)  # proposals start on their anchors
+        nn.init.zeros_(last.bias)
         nn.init.constant_(self.score_head.bias, -4.6)  # focal-loss prior: p = 0.01
 
     @property
@@ -177,8 +180,8 @@ class ProCrop(nn.Module):
             pos_t = s[4].expand(b, text.shape[1], d)
             p_m, att = self.text_fusion(f_i, pos_i, text, pos_t, ~mask)
             parts += [(p_m, pos_t, ~mask), (att, pos_i + s[5], _no_pad(att))]
-        tokens, pos, pad = zip(*parts, strict=True)
-        return torch.cat(tokens, 1), torch.cat(pos, 1), torch.cat(pad, 1)
+        seqs, pos, pad = zip(*parts, strict=True)
+        return torch.cat(seqs, 1), torch.cat(pos, 1), torch.cat(pad, 1)
 
     def _queries(self, inputs: CropInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder queries: content (B, Q, d) and anchors (B, Q, 4) cxcywh."""

@@ -208,9 +208,9 @@ def _warmup(loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: OptimConf
 def _loader(photos: list, config: TrainConfig, world: int, rank: int) -> DataLoader:
     augment = Augment(config.optim.window_prob, config.optim.flip_prob)
     dataset = CropDataset(photos, config.model, augment, seed=config.optim.seed)
-    sampler = (
-        DistributedSampler(dataset, world, rank, seed=config.optim.seed) if world > 1 else None
-    )
+    sampler: DistributedSampler | None = None
+    if world > 1:
+        sampler = DistributedSampler(dataset, world, rank, seed=config.optim.seed)
     generator = torch.Generator().manual_seed(config.optim.seed)
     return DataLoader(
         dataset, batch_size=config.optim.batch_size, shuffle=sampler is None, sampler=sampler,
