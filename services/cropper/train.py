@@ -104,7 +104,7 @@ def train(
     device = _device(config.optim.device, rank, world)
     torch.manual_seed(config.optim.seed)
     # 1-3. Annotations, split, index + relations, working copies with their neighbours.
-    data = dataset_io.prepare(config.data, config.model, settings, config.optim.out)
+    data = _prepare(config, settings, rank, world)
     store, prefix = open_location(config.optim.out, settings)
     model = build_model(config.model, load_backbone_weights=True).to(device)
     optimizer = _optimizer(model, config.optim)
@@ -140,6 +140,17 @@ def train(
     if world > 1:
         dist.destroy_process_group()
     return record
+
+
+def _prepare(config: TrainConfig, settings: Settings, rank: int, world: int) -> Any:
+    """Rank 0 builds the index and relations (a Milvus Lite file admits one process); the other
+    ranks wait, then read the relations it wrote."""
+    if rank > 0:
+        dist.barrier()
+    data = dataset_io.prepare(config.data, config.model, settings, config.optim.out)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return data
 
 
 def _after_epoch(

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from procrop.cli import cli
+from procrop.servers import free_port
 from services.cropper.checkpoint import read_config
 from shared.storage import LocalObjectStore
 
@@ -227,3 +228,21 @@ def test_milvus_collection_gives_same_crops_as_bundle_index(bundle, photo_dir):
     code, milvus, err = run("crop", *images, "--model", str(bundle), "--collection", name, "--json")
     assert code == 0, err
     assert memory == milvus
+
+
+def test_train_under_torchrun_ddp(settings, photo_dir, tmp_path):
+    """Two processes (gloo on CPU), as `torchrun` launches them on GPUs."""
+    import os
+    import subprocess
+    import sys
+
+    config = _config(tmp_path, photo_dir, 1)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "--module", "procrop.cli", "train", "--config", str(config),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, info = read_config(LocalObjectStore(tmp_path / "run" / "last"), "")
+    assert info["epoch"] == 1
