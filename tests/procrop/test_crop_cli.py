@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,20 +56,28 @@ def _config(tmp_path: Path, photo_dir: Path, epochs: int) -> Path:
     return config
 
 
-@pytest.fixture
-def bundle(settings, photo_dir, tmp_path) -> Path:
-    """A tiny model trained 2 epochs by `procrop train`, bundled by `procrop bundle`."""
-    code, out, err = run("train", "--config", str(_config(tmp_path, photo_dir, 2)))
-    assert code == 0, err
-    assert json.loads(out.splitlines()[-1])["epoch"] == 2
-    target = tmp_path / "bundle"
-    code, out, err = run(
-        "bundle", str(tmp_path / "run" / "best"), "-c", "six",
-        "--relations", str(tmp_path / "rel.json"), "--out", str(target),
-    )  # fmt: skip
+@pytest.fixture(scope="module")
+def trained_bundle(photo_dir, tmp_path_factory) -> Path:
+    """A tiny model trained 2 epochs by `procrop train`, bundled by `procrop bundle` (once)."""
+    tmp_path = tmp_path_factory.mktemp("bundle")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PROCROP_HOME", str(tmp_path / "home"))
+        code, out, err = run("train", "--config", str(_config(tmp_path, photo_dir, 2)))
+        assert code == 0, err
+        assert json.loads(out.splitlines()[-1])["epoch"] == 2
+        code, out, err = run(
+            "bundle", str(tmp_path / "run" / "best"), "-c", "six",
+            "--relations", str(tmp_path / "rel.json"), "--out", str(tmp_path / "bundle"),
+        )  # fmt: skip
     assert code == 0, err
     assert "index of 6 photos" in out
-    return target
+    return tmp_path / "bundle"
+
+
+@pytest.fixture
+def bundle(settings, trained_bundle, tmp_path) -> Path:
+    """A private copy of the trained bundle (tests may break it), with a fresh PROCROP_HOME."""
+    return Path(shutil.copytree(trained_bundle, tmp_path / "bundle"))
 
 
 def test_train_resumes_from_last(settings, photo_dir, tmp_path):
