@@ -347,7 +347,10 @@ def train_cmd(
     "--format", "fmt", type=click.Choice(["auto", "fcdb", "gaicd", "jsonl"]), default="auto",
     show_default=True,
 )  # fmt: skip
-@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image root.")
+@click.option(
+    "--images", type=click.Path(exists=True, file_okay=False),
+    help="Image root [default: the annotation file's folder, or the GAICD folder].",
+)  # fmt: skip
 @click.option(
     "--split", type=click.Choice(["val", "all"]), default="val", show_default=True,
     help="val: the fixed validation split (200 photos, seed 2026) the trainer holds out.",
@@ -368,7 +371,8 @@ def eval_cmd(
     from services.cropper.predictor import build_predictor
     from shared.annotations import fixed_split, load_annotations
 
-    root = Path(images or Path(annotations).parent if Path(annotations).is_file() else annotations)
+    default_root = Path(annotations).parent if Path(annotations).is_file() else Path(annotations)
+    root = Path(images) if images else default_root
     labels = load_annotations(annotations, fmt, image_root=root)
     names = fixed_split(sorted(labels))[1] if split == "val" else sorted(labels)
     predictor = build_predictor(settings, profile or settings.profile, model, collection)

@@ -255,3 +255,25 @@ def test_train_under_torchrun_ddp(settings, photo_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     _, info = read_config(LocalObjectStore(tmp_path / "run" / "last"), "")
     assert info["epoch"] == 1
+
+
+def test_eval_gaicd_reports_acc_k_n(bundle, photo_dir, tmp_path):
+    """Graded candidate crops (GAICD layout: `y1 x1 y2 x2 MOS` per line) give the Acc_K/N row."""
+    folder = tmp_path / "gaicd"
+    folder.mkdir()
+    for path in sorted(photo_dir.glob("*.jpg")):
+        w, h = Image.open(path).size
+        lines = [
+            f"{int(f * h)} {int(f * w)} {int((1 - f) * h)} {int((1 - f) * w)} {5 - 10 * f:.2f}"
+            for f in (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+        ]
+        (folder / f"{path.stem}.txt").write_text("\n".join(lines) + "\n")
+    code, out, err = run(
+        "eval", "--annotations", str(folder), "--format", "gaicd", "--images", str(photo_dir),
+        "--split", "all", "--model", str(bundle), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    row = json.loads(out)["ProCrop"]
+    for key in ("Acc1/5", "Acc4/5", "Acc_5", "Acc1/10", "Acc_10"):
+        assert 0.0 <= row[key] <= 1.0
+    assert row["Acc1/10"] >= row["Acc1/5"]  # every top-5 crop is also a top-10 crop
