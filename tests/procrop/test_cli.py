@@ -117,10 +117,13 @@ def test_invalid_setting_names_the_variable(settings, monkeypatch):
 
 
 def test_installed_entry_point(settings, photo_dir):
-    """The real console script, in a real process, as `make demo` users run it."""
+    """The real console script, in a real process, as `make demo` users run it: the shipped model."""
     exe = Path(sys.executable).parent / "procrop"
     env = {**os.environ, "PROCROP_HOME": str(settings.home)}
     done = subprocess.run([str(exe), "demo"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "compositional neighbours of" in done.stdout
-    assert len(done.stdout.strip().splitlines()) == 2 + 5
+    out = settings.home / "demo" / "out"
+    assert f"crops and overlays (STEM.overlay.png) in {out}" in done.stdout
+    for stem in ("chelsea", "coffee", "motorcycle_left", "rocket"):
+        assert (out / f"{stem}.overlay.png").is_file()
+        assert 1 <= len(list(out.glob(f"{stem}.crop*.jpg"))) <= 3  # n = 3: at most 3 diverse crops
