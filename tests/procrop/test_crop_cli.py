@@ -277,3 +277,19 @@ def test_eval_gaicd_reports_acc_k_n(bundle, photo_dir, tmp_path):
     for key in ("Acc1/5", "Acc4/5", "Acc_5", "Acc1/10", "Acc_10"):
         assert 0.0 <= row[key] <= 1.0
     assert row["Acc1/10"] >= row["Acc1/5"]  # every top-5 crop is also a top-10 crop
+
+
+def test_lite_crop_path_never_imports_torch(bundle, photo_dir):
+    """Start-up matters for the CLI: the ONNX path must not pull torch in (it costs seconds)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from procrop.cli import cli\n"
+        f"cli(['crop', {str(photo_dir / 'coins.jpg')!r}, '--model', {str(bundle)!r}, '--json'],"
+        " standalone_mode=False)\n"
+        "print('torch imported:', 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "torch imported: False"
