@@ -23,7 +23,7 @@ test-fast: $(STAMP)  ## tests without the slow ones
 LITE_HOME := runs/lite-home
 lite-model: $(STAMP)  ## retrain the shipped lite model and its index from FCDB (< 1 h, 2 CPU cores)
 	PROCROP_HOME=$(LITE_HOME) $(VENV)/bin/procrop train --config configs/lite.toml
-	PROCROP_HOME=$(LITE_HOME) $(VENV)/bin/procrop bundle runs/lite/best --collection fcdb_train \
+	PROCROP_HOME=$(LITE_HOME) $(VENV)/bin/procrop bundle runs/lite/last --collection fcdb_train \
 		--relations runs/lite/relations.json --out procrop/models/lite
 
 lint: $(STAMP)

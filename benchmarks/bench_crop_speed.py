@@ -8,8 +8,8 @@ start-up, imports, model and index loading included):
 
 - procrop: `.venv/bin/procrop crop --json PHOTO...` (default profile, shipped model, 5 crops per
   photo) with a fresh temporary PROCROP_HOME and every other PROCROP_* variable removed. "cold" is
-  the first run in that home, so the first-use index install is in it once; "warm" is the same
-  command again in the same home.
+  the first run in that home (with a cold OS page cache for the model files only if the system
+  dropped them); "warm" is the same command again in the same home.
 - smartcrop: `benchmarks/smartcrop_runner.py PHOTO...`: the README's documented call,
   `SmartCrop().crop(image, 100, 100)`, for every photo: a 1:1 crop as large as the photo allows
   (smartcrop tries 1.0x and 0.9x the shorter side), analysed on a copy prescaled to ~111 px.

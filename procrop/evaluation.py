@@ -86,11 +86,9 @@ def _collect(
 
 def _knn_transfer(predictor: CropPredictor, photo: Photo) -> np.ndarray | None:
     """kNN crop transfer: the per-coordinate median of the neighbours' crops (normalized xyxy)."""
-    from services.cropper.inputs import working_copy
-
     if predictor.retrieval is None:
         return None
-    vector = predictor.encoder.encode([working_copy(photo.image)]).vectors
+    vector = predictor.search_vectors([photo.image])
     neighbors = predictor.retrieval.neighbors(vector, [photo.sha256])[0]
     crops = neighbors.crops[neighbors.has_crop]
     return np.median(crops.astype(np.float64), axis=0) if len(crops) else None

@@ -103,21 +103,26 @@ class CropPredictor:
         """Ranked proposals for each photo (a photo of the index never retrieves itself)."""
         out: list[Proposals] = []
         for start in range(0, len(images), self.batch_size):
-            batch = [working_copy(im) for im in images[start : start + self.batch_size]]
+            batch = list(images[start : start + self.batch_size])
             out += self._propose_batch(batch, list(hashes[start : start + self.batch_size]))
         return out
 
+    def search_vectors(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(B, D) index vectors of the photos, from the encoder the index was built with."""
+        return self.encoder.encode([im.convert("RGB") for im in images]).vectors
+
     def _propose_batch(
-        self, copies: list[Image.Image], hashes: list[str | None]
+        self, images: list[Image.Image], hashes: list[str | None]
     ) -> list[Proposals]:
         config = self.config
-        embedding = self.encoder.encode(copies)
-        cues = embedding.tokens if config.cue_channels else [None] * len(copies)
-        photos = [photo_arrays(im, config, cues=c) for im, c in zip(copies, cues, strict=True)]
+        copies = [working_copy(im) for im in images]
+        # Cue maps from the working copy, as in training; retrieval vectors from the photo itself,
+        # as the index was built (vectors of the working copy cost 0.004 IoU on FCDB val).
+        photos = [photo_arrays(im, config) for im in copies]
         neighbors = None
         if config.use_retrieval:
             assert self.retrieval is not None
-            neighbors = self.retrieval.neighbors(embedding.vectors, hashes)
+            neighbors = self.retrieval.neighbors(self.search_vectors(images), hashes)
         text = None
         if config.use_text:
             described = self.text.describe(copies).embedding
