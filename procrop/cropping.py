@@ -15,10 +15,18 @@ from pathlib import Path
 import click
 from PIL import Image, ImageDraw, ImageFont
 
-from services.cropper.predictor import CropPredictor, CropResult
+from services.cropper.predictor import (
+    CropPredictor,
+    CropResult,
+    Prepared,
+    check_crop_request,
+    crops_for,
+)
 from shared.errors import InvalidImageError
 from shared.images import content_hash, decode_image, read_bytes
 
+PREPARE_THREADS = 2  # threads reading and preparing batches while the model runs
+PREFETCH = 3  # batches in flight
 OVERLAY_COLOURS = ("#ff3b30", "#ffcc00", "#34c759", "#0a84ff", "#af52de", "#ff9500")
 
 
@@ -29,19 +37,39 @@ class Photo:
     image: Image.Image
 
 
-def read_photos(paths: Sequence[str], max_pixels: int, batch: int) -> Iterator[list[Photo | str]]:
-    """Batches of decoded photos (or an error message in place of a photo that failed)."""
-
-    def load(path: str) -> Photo | str:
+def read_photos(paths: Sequence[str], max_pixels: int) -> tuple[list[Photo], list[str]]:
+    """Decoded photos, and an error message for each photo that failed."""
+    photos: list[Photo] = []
+    errors: list[str] = []
+    for path in paths:
         try:
             data = read_bytes(path)
-            return Photo(path, content_hash(data), decode_image(data, path, max_pixels))
+            photos.append(Photo(path, content_hash(data), decode_image(data, path, max_pixels)))
         except InvalidImageError as exc:
-            return str(exc)
+            errors.append(str(exc))
+    return photos, errors
 
-    with ThreadPoolExecutor(2) as pool:
-        for start in range(0, len(paths), batch):
-            yield list(pool.map(load, paths[start : start + batch]))
+
+def prepared_batches(
+    predictor: CropPredictor, paths: Sequence[str], max_pixels: int
+) -> Iterator[tuple[list[Photo], list[str], list[Prepared]]]:
+    """Batches of (photos, errors, prepared inputs); the next batch is read and prepared on a
+    worker thread while the caller runs the model on this one (two cores, both busy)."""
+
+    def load(chunk: Sequence[str]) -> tuple[list[Photo], list[str], list[Prepared]]:
+        photos, errors = read_photos(chunk, max_pixels)
+        images, hashes = [p.image for p in photos], [p.sha256 for p in photos]
+        return photos, errors, predictor.prepare(images, hashes) if photos else []
+
+    size = predictor.batch_size
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    with ThreadPoolExecutor(PREPARE_THREADS) as pool:
+        pending = [pool.submit(load, chunk) for chunk in chunks[:PREFETCH]]
+        for i in range(len(chunks)):
+            batch = pending[i].result()
+            if i + PREFETCH < len(chunks):
+                pending.append(pool.submit(load, chunks[i + PREFETCH]))
+            yield batch
 
 
 def run_crop(
@@ -55,21 +83,22 @@ def run_crop(
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
     """Crop every photo; returns the number of photos that failed."""
+    check_crop_request(n, aspect_ratios)
     failed = 0
-    for batch in read_photos(paths, max_pixels, predictor.batch_size):
-        photos = [p for p in batch if isinstance(p, Photo)]
-        for error in (p for p in batch if isinstance(p, str)):
+    for photos, errors, prepared in prepared_batches(predictor, paths, max_pixels):
+        for error in errors:
             click.echo(f"procrop: skipped {error}", err=True)
-            failed += 1
-        results = predictor.crop(
-            [p.image for p in photos], [p.sha256 for p in photos], n, aspect_ratios
-        )
-        for photo, result in zip(photos, results, strict=True):
+        failed += len(errors)
+        proposals = predictor.propose_prepared(prepared) if prepared else []
+        sizes = [p.image.size for p in photos]
+        for photo, result in zip(
+            photos, crops_for(proposals, sizes, n, aspect_ratios), strict=True
+        ):
             click.echo(format_result(photo.path, result, as_json))
             if out is not None:
                 write_outputs(photo, result, out)
         if on_progress:
-            on_progress(len(batch))
+            on_progress(len(photos) + len(errors))
     return failed
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from procrop.cropping import Photo, read_photos
+from procrop.cropping import Photo, prepared_batches
 from services.cropper.predictor import CropPredictor, select_crops
 from shared.annotations import AnnotatedPhoto
 from shared.boxes import denormalize_xyxy
@@ -46,20 +46,14 @@ def evaluate(
         raise ProCropError("nothing to evaluate: no annotated photos selected")
     got = _Collected()
     paths = [str(root / name) for name in names]
-    for batch, batch_names in zip(
-        read_photos(paths, max_pixels, predictor.batch_size),
-        _chunks(names, predictor.batch_size),
-        strict=True,
-    ):
-        for photo in batch:
-            if isinstance(photo, str):
-                raise ProCropError(photo)
-        photos = [p for p in batch if not isinstance(p, str)]
-        proposals = predictor.propose([p.image for p in photos], [p.sha256 for p in photos])
-        for photo, name, prop in zip(photos, batch_names, proposals, strict=True):
-            _collect(got, predictor, photo, labels[name], prop, baselines)
+    by_path = dict(zip(paths, names, strict=True))
+    for photos, errors, prepared in prepared_batches(predictor, paths, max_pixels):
+        if errors:
+            raise ProCropError(errors[0])
+        for photo, prop in zip(photos, predictor.propose_prepared(prepared), strict=True):
+            _collect(got, predictor, photo, labels[by_path[photo.path]], prop, baselines)
         if on_progress:
-            on_progress(len(batch))
+            on_progress(len(photos))
     return _report(got)
 
 
@@ -118,7 +112,3 @@ def format_table(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
     )
-
-
-def _chunks(items: Sequence[str], size: int) -> list[list[str]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]

@@ -18,14 +18,18 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from services.retriever.token_store import TokenStore
 from shared.errors import ModelLoadError
-from shared.storage import ObjectStore
-from shared.vector_index import IndexedPhoto, VectorIndex
+from shared.vector_index import IndexedPhoto
+
+if TYPE_CHECKING:  # the crop path reads bundles without the storage clients (start-up time)
+    from services.retriever.token_store import TokenStore
+    from shared.storage import ObjectStore
+    from shared.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "index.safetensors"
@@ -75,6 +79,8 @@ def bundle_collection(bundle_dir: str | Path) -> str:
 
 def install_bundle(bundle_dir: str | Path, index: VectorIndex, store: ObjectStore) -> str:
     """Make the bundle's index searchable (once); returns its collection name."""
+    from services.retriever.token_store import TokenStore
+
     name = bundle_collection(bundle_dir)
     arrays, meta = read_index(Path(bundle_dir) / INDEX_FILE)
     photos = json.loads(meta["photos"])

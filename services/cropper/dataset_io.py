@@ -21,7 +21,7 @@ import numpy as np
 
 from services.cropper.config import ModelConfig
 from services.cropper.data import TrainPhoto
-from services.cropper.inputs import Neighbors, neighbors_from, working_copy
+from services.cropper.inputs import Neighbors, neighbors_from, work_side, working_copy
 from services.retriever.sources import PhotoRef
 from shared.annotations import AnnotatedPhoto, fixed_split, load_annotations
 from shared.errors import ProCropError
@@ -158,7 +158,8 @@ def _load_photo(
     text: dict[str, np.ndarray] | None,
 ) -> TrainPhoto:
     label = labels[name]
-    image = working_copy(decode_image(read_bytes(root / name), name, settings.max_image_pixels))
+    photo = decode_image(read_bytes(root / name), name, settings.max_image_pixels)
+    image = working_copy(photo, work_side(model))
     crops = np.asarray(label.crops_norm[: data.max_targets], np.float64)
     if label.scores is None:
         weights = np.ones(len(crops))

@@ -23,6 +23,11 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 WORK_SIDE = 256  # working copy: enough for a 128-pixel model input and the 8 x 8 cue grid
 
 
+def work_side(config: ModelConfig) -> int:
+    """Longest side of the working copy for `config`: never below the model's input size."""
+    return max(WORK_SIDE, config.input_size)
+
+
 def working_copy(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
     """The photo with its longest side at most `side` (antialiased), in RGB."""
     image = image.convert("RGB")

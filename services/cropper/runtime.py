@@ -50,7 +50,7 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    def __init__(self, path: str | Path, config: ModelConfig, threads: int = 0) -> None:
+    def __init__(self, path: str | Path, config: ModelConfig, threads: int = 1) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
