@@ -36,9 +36,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)  ## every benchmark; each prints JSON
-	$(PY) benchmarks/bench_lite_encoder.py
-	$(PY) benchmarks/bench_retrieval.py
-	$(PY) benchmarks/bench_ingest.py
+	$(PY) -m benchmarks.bench_lite_encoder
+	$(PY) -m benchmarks.bench_retrieval
+	$(PY) -m benchmarks.bench_ingest
+	$(PY) -m benchmarks.eval_knn_transfer
+	$(PY) -m benchmarks.eval_crop_models
+	$(PY) -m benchmarks.bench_crop_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
