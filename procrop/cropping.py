@@ -7,6 +7,7 @@ a photo that cannot be read is reported on stderr and the others go on (exit sta
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,9 +65,9 @@ def prepared_batches(
     size = predictor.batch_size
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
     with ThreadPoolExecutor(PREPARE_THREADS) as pool:
-        pending = [pool.submit(load, chunk) for chunk in chunks[:PREFETCH]]
+        pending = deque(pool.submit(load, chunk) for chunk in chunks[:PREFETCH])
         for i in range(len(chunks)):
-            batch = pending[i].result()
+            batch = pending.popleft().result()  # done batches are dropped: memory stays flat
             if i + PREFETCH < len(chunks):
                 pending.append(pool.submit(load, chunks[i + PREFETCH]))
             yield batch
