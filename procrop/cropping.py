@@ -127,12 +127,14 @@ def overlay(image: Image.Image, result: CropResult) -> Image.Image:
     canvas = image.convert("RGB").copy()
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(canvas.size) / 300))
-    font = ImageFont.load_default(size=max(12, round(max(canvas.size) / 40)))
+    font_size = max(12, round(max(canvas.size) / 40))
+    font = ImageFont.load_default(size=font_size)
     for rank in range(len(result.crops), 0, -1):
         crop = result.crops[rank - 1]
         colour = OVERLAY_COLOURS[(rank - 1) % len(OVERLAY_COLOURS)]
         draw.rectangle(crop.box, outline=colour, width=width if rank > 1 else 2 * width)
         label = f"#{rank} {crop.score:.2f}" + (f" {crop.aspect_ratio}" if crop.aspect_ratio else "")
-        x, y = crop.box[0] + 2 * width, crop.box[1] + 2 * width
+        # Labels step down by rank, so crops with nearby corners keep readable labels.
+        x, y = crop.box[0] + 2 * width, crop.box[1] + 2 * width + (rank - 1) * font_size
         draw.text((x, y), label, fill=colour, font=font, stroke_width=2, stroke_fill="black")
     return canvas
