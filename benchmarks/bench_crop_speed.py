@@ -162,9 +162,7 @@ def bench_procrop(paths: list[str], small: int) -> dict[str, Any]:
         "ms_per_photo_after_startup": per_photo_ms(
             warm["wall_s"], warm_small["wall_s"], len(paths), small
         ),
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-        "peak_tree_rss_mb": _max_or_none(r["peak_tree_rss_mb"] for r in runs),
-        "runs": runs,
+        **_peaks(runs),
     }
 
 
@@ -180,6 +178,13 @@ def bench_smartcrop(paths: list[str], small: int) -> dict[str, Any]:
         "ms_per_photo_after_startup": per_photo_ms(
             full["wall_s"], part["wall_s"], len(paths), small
         ),
+        **_peaks(runs),
+    }
+
+
+def _peaks(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The peak memory over `runs`, and the runs themselves."""
+    return {
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "peak_tree_rss_mb": _max_or_none(r["peak_tree_rss_mb"] for r in runs),
         "runs": runs,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from shared.errors import ModelLoadError
 from shared.vector_index import IndexedPhoto
@@ -68,21 +68,21 @@ def export_index(
     return len(rows)
 
 
-def bundle_collection(bundle_dir: str | Path) -> str:
-    """The collection name a bundle installs into: its own name plus a digest of its index."""
-    path = Path(bundle_dir) / INDEX_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"no composition index in the model bundle {bundle_dir}")
+def _collection_name(path: Path, meta: dict[str, str]) -> str:
+    """The collection a bundle installs into: its own name plus a digest of its index file."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-    return f"bundle_{read_index(path)[1]['collection']}_{digest}"
+    return f"bundle_{meta['collection']}_{digest}"
 
 
 def install_bundle(bundle_dir: str | Path, index: VectorIndex, store: ObjectStore) -> str:
     """Make the bundle's index searchable (once); returns its collection name."""
     from services.retriever.token_store import TokenStore
 
-    name = bundle_collection(bundle_dir)
-    arrays, meta = read_index(Path(bundle_dir) / INDEX_FILE)
+    path = Path(bundle_dir) / INDEX_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"no composition index in the model bundle {bundle_dir}")
+    arrays, meta = read_index(path)
+    name = _collection_name(path, meta)
     photos = json.loads(meta["photos"])
     if index.has_collection(name) and index.count(name) == len(photos):
         return name
@@ -118,7 +118,6 @@ def read_index(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
     try:
         with safe_open(str(path), "numpy") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}  # noqa: SIM118 - safe_open is not iterable
     except Exception as exc:  # safetensors raises its own error types on bad files
         raise ModelLoadError(f"{path}: unreadable composition index ({exc})") from None

@@ -15,7 +15,6 @@ training is data-parallel (DDP); rank 0 evaluates and writes.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -257,7 +256,3 @@ def _minutes(started: float) -> float:
 
 def _out_of_time(cfg: OptimConfig, started: float) -> bool:
     return cfg.max_minutes is not None and _minutes(started) >= cfg.max_minutes
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ from services.cropper.config import ModelConfig, profile_config
 from services.cropper.model import CropInputs, ProCrop, build_model
 from shared.errors import ModelLoadError, ProCropError
 from shared.storage import LocalObjectStore
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def seeded_model(config: ModelConfig, seed: int) -> ProCrop:
