@@ -428,6 +428,91 @@ def demo_cmd(settings: Settings) -> None:
     run_demo(settings)
 
 
+# --- services -----------------------------------------------------------------------------------
+
+WORKERS = {
+    "embed": "services.embedder.worker",
+    "retrieve": "services.retriever.worker",
+    "index": "services.retriever.worker",
+    "crop": "services.cropper.worker",
+}
+
+
+@cli.command("worker")
+@click.argument("queue", type=click.Choice(sorted(WORKERS)))
+@click.option("--check", is_flag=True, help="Exit 0 if this host's worker of QUEUE answers a ping.")
+@pass_settings
+@handle_errors
+def worker_cmd(settings: Settings, queue: str, check: bool) -> None:
+    """Run the Celery worker of QUEUE (PROCROP_QUEUE__CONCURRENCY processes; Redis at
+    PROCROP_QUEUE__REDIS_URL). Models load once per process, on the GPU when there is one."""
+    import importlib
+
+    from shared.worker import ping_worker
+
+    if check:
+        sys.exit(0 if ping_worker(queue) else 1)
+    module = importlib.import_module(WORKERS[queue])
+    if queue in ("retrieve", "index"):
+        module.main(queue)
+    else:
+        module.main()
+
+
+@cli.command("gateway")
+@handle_errors
+def gateway_cmd() -> None:
+    """Serve the HTTP gateway on PROCROP_GATEWAY__HOST:PORT (needs PROCROP_API_KEYS)."""
+    from services.gateway.app import main as serve
+
+    serve()
+
+
+@cli.group("stack")
+def stack_group() -> None:
+    """The local stack: Redis, S3, Milvus, workers and gateway on loopback (state in
+    $PROCROP_HOME/stack)."""
+
+
+@stack_group.command("up")
+@pass_settings
+@handle_errors
+def stack_up(settings: Settings) -> None:
+    """Start the stack (or what of it stopped) and wait until it is ready. The last line on
+    stdout is JSON: gateway URL, API key, endpoints, pids."""
+    from procrop.stack import Stack
+
+    click.echo("procrop: starting the local stack...", err=True)
+    summary = Stack(settings).up()
+    click.echo(f"procrop: ready; gateway at {summary['gateway']}", err=True)
+    click.echo(json.dumps(summary))
+
+
+@stack_group.command("down")
+@pass_settings
+@handle_errors
+def stack_down(settings: Settings) -> None:
+    """Stop every process the stack started (by pid) and nothing else."""
+    from procrop.stack import Stack
+
+    stopped = Stack(settings).down()
+    click.echo(
+        f"procrop: stopped {', '.join(stopped) if stopped else 'nothing (no stack running)'}"
+    )
+
+
+@stack_group.command("status")
+@pass_settings
+@handle_errors
+def stack_status(settings: Settings) -> None:
+    """The stack's processes (alive or not) and endpoints, as JSON; exit 1 unless all run."""
+    from procrop.stack import Stack
+
+    status = Stack(settings).status()
+    click.echo(json.dumps(status, indent=2))
+    sys.exit(0 if status["running"] else 1)
+
+
 def main() -> None:
     cli()
 

@@ -156,3 +156,21 @@ def _spawn(name: str, cmd: list[str], port: int, log_path: Path, sig: int) -> Se
         cwd=log_path.parent, start_new_session=True, env={**os.environ},
     )  # fmt: skip
     return ServerProcess(name, proc, port, log_path, sig)
+
+
+def start_redis(data_dir: Path, timeout_s: float = 30.0) -> ServerProcess:
+    """redis-server on loopback, no persistence (job records and queues of a local stack)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise ProCropError(
+            "redis-server not found: run `make setup` (apt-get install redis-server)"
+        )
+    cmd = [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+        "--save", "", "--appendonly", "no", "--dir", str(data_dir),
+    ]  # fmt: skip
+    server = _spawn("redis", cmd, port, data_dir / "redis.log", signal.SIGTERM)
+    wait_for_port(port, timeout_s, server.proc)
+    return server

@@ -11,12 +11,21 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import SettingsError
 
 ENV_PREFIX = "PROCROP_"
+MIN_API_KEY_LENGTH = 16
+_SECRET_FIELDS = {"api_keys", "secret_key", "token"}
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -85,6 +94,53 @@ class CropSettings(BaseModel):
     batch_size: int = Field(default=16, ge=1, le=1024)
 
 
+class QueueSettings(BaseModel):
+    """Celery on Redis (shared/queue.py): the broker, job records, and task limits."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"  # broker and job records (shared/jobs.py)
+    # Hard and soft limits per task; the slowest task (one ControlNet out-paint on a CPU) takes
+    # about 5 minutes, one batch of an indexing job well under that.
+    time_limit_s: int = Field(default=900, ge=1)
+    soft_time_limit_s: int = Field(default=840, ge=1)
+    # An unacknowledged task comes back after this long (its worker died): longer than any task.
+    visibility_timeout_s: int = Field(default=3600, ge=1)
+    max_retries: int = Field(default=5, ge=0)  # transient failures (Redis, S3, Milvus hiccups)
+    retry_backoff_max_s: int = Field(default=60, ge=1)
+    concurrency: int = Field(default=1, ge=1, le=64)  # processes per worker; 1 per GPU
+    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # how long job records are kept
+    index_batch: int = Field(default=256, ge=1, le=10_000)  # photos per indexing task
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis:// (or rediss://, unix://) URL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _limits_in_order(self) -> QueueSettings:
+        if not self.soft_time_limit_s <= self.time_limit_s < self.visibility_timeout_s:
+            raise ValueError(
+                "need soft_time_limit_s <= time_limit_s < visibility_timeout_s (a task must end "
+                f"before Redis hands it to another worker), got {self.soft_time_limit_s}, "
+                f"{self.time_limit_s}, {self.visibility_timeout_s}"
+            )
+        return self
+
+
+class GatewaySettings(BaseModel):
+    """The HTTP gateway (services/gateway)."""
+
+    max_upload_mb: float = Field(default=25.0, gt=0)  # enforced while the body streams in
+    max_wait_s: float = Field(default=60.0, ge=0)  # longest `wait` a request may ask for
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
 class Settings(BaseSettings):
     """Everything a ProCrop process reads from its environment."""
 
@@ -100,11 +156,32 @@ class Settings(BaseSettings):
     milvus: MilvusSettings = MilvusSettings()
     embedder: EmbedderSettings = EmbedderSettings()
     crop: CropSettings = CropSettings()
+    queue: QueueSettings = QueueSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    # Gateway API keys, comma-separated; clients send `Authorization: Bearer KEY`.
+    api_keys: SecretStr = SecretStr("")
 
     @field_validator("home")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, value: SecretStr) -> SecretStr:
+        keys = [k.strip() for k in value.get_secret_value().split(",") if k.strip()]
+        short = [k for k in keys if len(k) < MIN_API_KEY_LENGTH]
+        if short:
+            raise ValueError(
+                f"API keys must be at least {MIN_API_KEY_LENGTH} characters; "
+                f"{len(short)} of {len(keys)} are shorter"
+            )
+        return value
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The gateway's API keys (empty: none configured)."""
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
     @property
     def storage_root(self) -> Path:
@@ -121,13 +198,19 @@ def _env_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + "__".join(str(part) for part in loc).upper()
 
 
+def _shown(loc: tuple[int | str, ...], value: object) -> str:
+    """The bad value for an error message; secrets are never echoed."""
+    secret = any(str(part) in _SECRET_FIELDS for part in loc)
+    return "a hidden value" if secret else repr(value)
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment (and keyword overrides); raise `SettingsError` if invalid."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
-            f"{_env_name(err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            f"{_env_name(err['loc'])}: {err['msg']} (got {_shown(err['loc'], err.get('input'))})"
             for err in exc.errors()
         )
         raise SettingsError(f"invalid settings: {problems}") from None

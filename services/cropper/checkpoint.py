@@ -13,28 +13,15 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from services.cropper.config import CHECKPOINT_FORMAT, ModelConfig, config_from_json
+from services.cropper.config import CHECKPOINT_FORMAT, CONFIG, open_location, read_config
+from services.cropper.config import location_key as _key
 from services.cropper.model import ProCrop, build_model
-from shared.errors import ModelLoadError, ObjectNotFoundError, ProCropError
-from shared.settings import Settings
-from shared.storage import LocalObjectStore, ObjectStore, build_object_store, parse_s3_uri
+from shared.errors import ModelLoadError, ObjectNotFoundError
+from shared.storage import ObjectStore
 
-WEIGHTS, CONFIG, TRAINER = "model.safetensors", "config.json", "trainer.pt"
+WEIGHTS, TRAINER = "model.safetensors", "trainer.pt"
+__all__ = ["CONFIG", "open_location", "read_config"]  # read without torch from config.py
 FORMAT = CHECKPOINT_FORMAT
-
-
-def open_location(location: str, settings: Settings | None = None) -> tuple[ObjectStore, str]:
-    """A checkpoint location (folder or s3://bucket/prefix) -> (store, key prefix)."""
-    if location.startswith("s3://"):
-        if settings is None or settings.storage.backend != "s3":
-            raise ProCropError(f"{location}: set PROCROP_STORAGE__BACKEND=s3 to use an S3 location")
-        bucket, prefix = parse_s3_uri(location)
-        return build_object_store(settings, bucket=bucket), prefix.strip("/")
-    return LocalObjectStore(location), ""
-
-
-def _key(prefix: str, name: str) -> str:
-    return f"{prefix}/{name}" if prefix else name
 
 
 def save_checkpoint(
@@ -53,15 +40,6 @@ def save_checkpoint(
         buffer = io.BytesIO()
         torch.save(trainer_state, buffer)
         store.put(_key(prefix, TRAINER), buffer.getvalue())
-
-
-def read_config(store: ObjectStore, prefix: str) -> tuple[ModelConfig, dict[str, Any]]:
-    """(ModelConfig, provenance info) of a checkpoint."""
-    try:
-        data = store.get(_key(prefix, CONFIG))
-    except ObjectNotFoundError:
-        raise ModelLoadError(f"no crop model at {store.uri(prefix)} (missing {CONFIG})") from None
-    return config_from_json(data, store.uri(_key(prefix, CONFIG)))
 
 
 def load_checkpoint(store: ObjectStore, prefix: str) -> tuple[ProCrop, dict[str, Any]]:

@@ -11,7 +11,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import ProCropError
+from shared.errors import ModelLoadError, ObjectNotFoundError, ProCropError
+from shared.settings import Settings
+from shared.storage import LocalObjectStore, ObjectStore, build_object_store, parse_s3_uri
+
+CONFIG = "config.json"
 
 BACKBONES = ("lite", "resnet50", "resnet18", "resnet_tiny")
 
@@ -126,3 +130,30 @@ def profile_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in PROFILES:
         raise ProCropError(f"unknown model profile {name!r}: one of {', '.join(PROFILES)}")
     return dataclasses.replace(PROFILES[name], **overrides)
+
+
+# --- where checkpoints live (read here, without torch: the retrieve worker needs only the config) ---
+
+
+def open_location(location: str, settings: Settings | None = None) -> tuple[ObjectStore, str]:
+    """A checkpoint location (folder or s3://bucket/prefix) -> (store, key prefix)."""
+    if location.startswith("s3://"):
+        if settings is None or settings.storage.backend != "s3":
+            raise ProCropError(f"{location}: set PROCROP_STORAGE__BACKEND=s3 to use an S3 location")
+        bucket, prefix = parse_s3_uri(location)
+        return build_object_store(settings, bucket=bucket), prefix.strip("/")
+    return LocalObjectStore(location), ""
+
+
+def location_key(prefix: str, name: str) -> str:
+    """The key of file `name` of a checkpoint under key prefix `prefix`."""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def read_config(store: ObjectStore, prefix: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, provenance info) of a checkpoint."""
+    try:
+        data = store.get(location_key(prefix, CONFIG))
+    except ObjectNotFoundError:
+        raise ModelLoadError(f"no crop model at {store.uri(prefix)} (missing {CONFIG})") from None
+    return config_from_json(data, store.uri(location_key(prefix, CONFIG)))

@@ -7,22 +7,20 @@ every edge of the system (see `shared.boxes`); the pixel boxes may be float.
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from shared.boxes import box_iou, xyxy_to_cxcywh
+from shared.crop_request import AspectRatio, parse_aspect_ratio
+
+__all__ = ["AspectRatio", "parse_aspect_ratio"]  # re-exported: the cropper's callers use them
 
 # Two crops with IoU above this are near duplicates. Crops are large and overlap a lot: two
 # crops of one size shifted by 8 % of a side still have IoU 0.92 / 1.08 ~ 0.85, and so do a crop
 # and its centred 8 % zoom (0.92^2); the field (GAICD matching, FCDB / FLMS "acc") treats IoU >= 0.85 as the same
 # crop. Greedy NMS at this threshold keeps crops that differ visibly.
 NEAR_DUPLICATE_IOU = 0.85
-
-AspectRatio = tuple[int, int] | float
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"  # unsigned decimal: no sign, exponent, inf or nan
-_RATIO_PATTERN = re.compile(rf"\s*{_NUMBER}\s*:\s*{_NUMBER}\s*")
 
 
 def _check_boxes(boxes: np.ndarray, name: str) -> None:
@@ -75,31 +73,6 @@ def suppress_near_duplicates(
         if not keep or ious[i, keep].max() <= iou_threshold:
             keep.append(int(i))
     return np.asarray(keep, np.int64)
-
-
-def parse_aspect_ratio(text: str) -> AspectRatio:
-    """Parse "W:H" into (W, H) when both are integers ("16:9"), else into the float W / H.
-
-    Accepts positive unsigned decimals ("1.91:1", "4:3.5") with optional spaces around the
-    colon. The tuple is not reduced ("32:18" stays (32, 18)).
-
-    Raises:
-        ValueError: naming `text`, for anything else ("abc", "0:1", "-1:2", "1:", "1:2:3",
-            "inf:1").
-    """
-    match = _RATIO_PATTERN.fullmatch(text)
-    if match is None:
-        raise ValueError(
-            f"aspect ratio must be 'W:H' with positive numbers, e.g. '16:9' or '1.91:1'; "
-            f"got {text!r}"
-        )
-    w_text, h_text = match.groups()
-    w, h = float(w_text), float(h_text)
-    if w <= 0 or h <= 0:
-        raise ValueError(f"aspect ratio sides must be positive; got {text!r}")
-    if w_text.isdigit() and h_text.isdigit():
-        return int(w_text), int(h_text)
-    return w / h
 
 
 def ratio_value(ratio: AspectRatio | tuple[float, float]) -> float:

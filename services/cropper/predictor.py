@@ -23,6 +23,7 @@ from PIL import Image
 
 from services.cropper.config import ModelConfig
 from services.cropper.inputs import (
+    Neighbors,
     PhotoArrays,
     batch_arrays,
     photo_arrays,
@@ -38,9 +39,9 @@ from services.cropper.retrieval import Retrieval
 from services.cropper.runtime import Runner
 from services.embedder.base import CompositionEncoder
 from shared.boxes import box_iou, denormalize_xyxy
+from shared.crop_request import check_crop_request
 
 log = logging.getLogger(__name__)
-MAX_CROPS = 100
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,11 @@ class CropPredictor:
         # maps too: training took them from the working copy, but describing each photo twice
         # costs 5 ms and buys 0.001 IoU on FCDB val (0.7173 vs 0.7161).
         embedding = self.encoder.encode(images)
-        reuse = config.cue_channels and embedding.tokens.shape[-1] == config.cue_channels
-        cues = embedding.tokens if reuse else [None] * len(images)
         return [
-            Prepared(photo_arrays(im, config, c), vector, im, sha)
-            for im, c, vector, sha in zip(images, cues, embedding.vectors, hashes, strict=True)
+            Prepared(model_arrays(im, config, tokens), vector, im, sha)
+            for im, tokens, vector, sha in zip(
+                images, embedding.tokens, embedding.vectors, hashes, strict=True
+            )
         ]
 
     def propose_prepared(self, prepared: Sequence[Prepared]) -> list[Proposals]:
@@ -143,8 +144,7 @@ class CropPredictor:
         if config.use_text:
             described = self.text.describe([p.image for p in prepared]).embedding
             text = [described.tokens[i][described.mask[i]] for i in range(len(prepared))]
-        scores, boxes = self.runner(batch_arrays([p.arrays for p in prepared], neighbors, text))
-        return [Proposals(s, b) for s, b in zip(scores, boxes, strict=True)]
+        return run_model(self.runner, [p.arrays for p in prepared], neighbors, text)
 
     def propose(
         self, images: Sequence[Image.Image], hashes: Sequence[str | None]
@@ -173,6 +173,29 @@ class CropPredictor:
         return crops_for(self.propose(images, hashes), sizes, n, aspect_ratios)
 
 
+def model_arrays(image: Image.Image, config: ModelConfig, tokens: np.ndarray) -> PhotoArrays:
+    """A photo's own model inputs; `tokens` (64, T) are its composition tokens from the retrieval
+    encoder, which double as the lite backbone's cue maps when their width matches."""
+    reuse = config.cue_channels and tokens.shape[-1] == config.cue_channels
+    return photo_arrays(image, config, tokens if reuse else None)
+
+
+def run_model(
+    runner: Runner,
+    arrays: Sequence[PhotoArrays],
+    neighbors: Sequence[Neighbors] | None,
+    text: Sequence[np.ndarray] | None,
+) -> list[Proposals]:
+    """One model batch: photos (+ their K neighbours, + (L, D) text tokens) -> ranked proposals."""
+    batch = batch_arrays(
+        list(arrays),
+        list(neighbors) if neighbors is not None else None,
+        list(text) if text is not None else None,
+    )
+    scores, boxes = runner(batch)
+    return [Proposals(s, b) for s, b in zip(scores, boxes, strict=True)]
+
+
 def crops_for(
     proposals: Sequence[Proposals],
     sizes: Sequence[tuple[int, int]],
@@ -182,14 +205,6 @@ def crops_for(
     """Proposals of photos of these (width, height) -> the crops users get."""
     ratios = [(text.replace(" ", ""), parse_aspect_ratio(text)) for text in aspect_ratios]
     return [select_crops(p, w, h, n, ratios) for p, (w, h) in zip(proposals, sizes, strict=True)]
-
-
-def check_crop_request(n: int, aspect_ratios: Sequence[str]) -> None:
-    """Raise ValueError, naming the argument, for a bad `n` or a malformed aspect ratio."""
-    if not 1 <= n <= MAX_CROPS:
-        raise ValueError(f"n must be between 1 and {MAX_CROPS}, got {n}")
-    for text in aspect_ratios:
-        parse_aspect_ratio(text)
 
 
 def select_crops(
@@ -225,15 +240,10 @@ def _free_crop(box: np.ndarray, score: float, width: int, height: int) -> Crop:
     return Crop((min(x1, x2 - 1), min(y1, y2 - 1), x2, y2), float(score), None)
 
 
-def build_predictor(
-    settings: Any, profile: str = "lite", model: str | None = None, collection: str | None = None
-) -> CropPredictor:
-    """The predictor for `profile`: `model` (a checkpoint or bundle location) or, for lite, the
-    shipped bundle. Neighbours come from `collection` (Milvus) or else the bundle's own index.
-    A bundle with `model.onnx` runs on ONNX Runtime on a CPU unless PROCROP_CROP__RUNTIME=torch."""
-    from services.cropper.bundle import INDEX_FILE, LITE_BUNDLE
-    from services.embedder.registry import build_encoder
-    from shared.errors import ModelLoadError, ProCropError
+def model_location(settings: Any, profile: str = "lite", model: str | None = None) -> str:
+    """Where the crop model is: `model`, else PROCROP_CROP__MODEL, else (lite) the shipped bundle."""
+    from services.cropper.bundle import LITE_BUNDLE
+    from shared.errors import ProCropError
 
     location = model or settings.crop.model
     if location is None:
@@ -242,7 +252,21 @@ def build_predictor(
                 "the paper profile has no shipped model: give --model (or PROCROP_CROP__MODEL)"
             )
         location = str(LITE_BUNDLE)
-    runner = _runner(settings, location)
+    return str(location)
+
+
+def build_predictor(
+    settings: Any, profile: str = "lite", model: str | None = None, collection: str | None = None
+) -> CropPredictor:
+    """The predictor for `profile`: `model` (a checkpoint or bundle location) or, for lite, the
+    shipped bundle. Neighbours come from `collection` (Milvus) or else the bundle's own index.
+    A bundle with `model.onnx` runs on ONNX Runtime on a CPU unless PROCROP_CROP__RUNTIME=torch."""
+    from services.cropper.bundle import INDEX_FILE
+    from services.embedder.registry import build_encoder
+    from shared.errors import ModelLoadError, ProCropError
+
+    location = model_location(settings, profile, model)
+    runner = build_runner(settings, location)
     if runner.config.profile != profile:
         raise ModelLoadError(f"{location} holds a {runner.config.profile!r} model, not {profile!r}")
     encoder = build_encoder(settings.embedder, "lite" if profile == "lite" else "sam")
@@ -266,7 +290,7 @@ def build_predictor(
     return CropPredictor(runner, encoder, retrieval, text, settings.crop.batch_size)
 
 
-def _runner(settings: Any, location: str) -> Runner:
+def build_runner(settings: Any, location: str) -> Runner:
     """ONNX Runtime for a bundle that has `model.onnx` (on a CPU), else torch."""
     from services.cropper.runtime import ONNX_FILE, OnnxRunner, TorchRunner
 
@@ -287,7 +311,8 @@ def _runner(settings: Any, location: str) -> Runner:
         from shared.errors import ProCropError
 
         raise ProCropError(f"{location} has no {ONNX_FILE}; use PROCROP_CROP__RUNTIME=torch")
-    from services.cropper.checkpoint import load_checkpoint, open_location
+    from services.cropper.checkpoint import load_checkpoint
+    from services.cropper.config import open_location
     from shared.devices import resolve_device
 
     crop_model, _ = load_checkpoint(*open_location(location, settings))

@@ -24,14 +24,26 @@ class Query:
 class Retriever:
     """Searches one collection with the encoder that built it."""
 
-    def __init__(self, collection: str, encoder: CompositionEncoder, index: VectorIndex) -> None:
+    def __init__(
+        self,
+        collection: str,
+        encoder: CompositionEncoder | None,
+        index: VectorIndex,
+        spec: dict[str, str | int] | None = None,
+    ) -> None:
+        """`spec` (an encoder's `spec`) stands in for `encoder` where vectors arrive precomputed
+        (the retrieve worker): `search_vectors` then works, `search` does not."""
+        if encoder is None and spec is None:
+            raise ValueError("give the encoder, or the spec of the encoder the vectors came from")
         self.collection, self.encoder, self.index = collection, encoder, index
-        self.metadata = index.check_compatible(collection, encoder.spec)
+        self.metadata = index.check_compatible(collection, spec or encoder.spec)  # type: ignore[union-attr]
 
     def search(self, queries: Sequence[Query], k: int = 10) -> list[list[Neighbor]]:
         """Top-`k` neighbours per query, best first; a query never gets itself (same sha256)."""
         if not queries:
             return []
+        if self.encoder is None:
+            raise ValueError("this retriever has no encoder: use search_vectors")
         vectors = self.encoder.encode([q.image for q in queries]).vectors
         return self.search_vectors(vectors, [q.sha256 for q in queries], k)
 

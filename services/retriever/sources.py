@@ -10,7 +10,7 @@ from pathlib import Path
 from shared.errors import ProCropError
 from shared.images import is_image_name, read_bytes
 from shared.settings import Settings
-from shared.storage import build_object_store, parse_s3_uri
+from shared.storage import ObjectStore, build_object_store, parse_s3_uri
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,28 @@ def list_photos(source: str, settings: Settings) -> list[PhotoRef]:
     return [PhotoRef(p.relative_to(root).as_posix(), str(p), partial(read_bytes, p)) for p in paths]
 
 
-def _s3_photos(source: str, settings: Settings) -> list[PhotoRef]:
+def photo_refs(source: str, names: list[str], settings: Settings) -> list[PhotoRef]:
+    """The photos `names` (as `list_photos` named them) of `source`, without listing it again."""
+    if source.startswith("s3://"):
+        store, base = _s3_source(source, settings)
+        return [PhotoRef(n, store.uri(base + n), partial(store.get, base + n)) for n in names]
+    root = Path(source).expanduser()
+    return [PhotoRef(n, str(root / n), partial(read_bytes, root / n)) for n in names]
+
+
+def _s3_source(source: str, settings: Settings) -> tuple[ObjectStore, str]:
+    """The store of an `s3://bucket/prefix` source and its key prefix ('' or ending in '/')."""
     bucket, prefix = parse_s3_uri(source)
     if settings.storage.backend != "s3":
         raise ProCropError(
             f"{source}: set PROCROP_STORAGE__BACKEND=s3 (and its endpoint) to read S3"
         )
     store = build_object_store(settings, bucket=bucket, create_bucket=False)
-    base = prefix.rstrip("/") + "/" if prefix else ""
+    return store, prefix.rstrip("/") + "/" if prefix else ""
+
+
+def _s3_photos(source: str, settings: Settings) -> list[PhotoRef]:
+    store, base = _s3_source(source, settings)
     return [
         PhotoRef(key[len(base) :], store.uri(key), partial(store.get, key))
         for key in store.list(base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from shared.errors import ProCropError
@@ -28,3 +29,14 @@ def token_shard_key(collection: str, shard: str) -> str:
 
 def relations_key(collection: str, name: str) -> str:
     return f"collections/{collection}/relations/{name}.json"
+
+
+def features_key(encoder: str, version: str, sha256: str) -> str:
+    """Per-photo features of one encoder version (cached: the same photo is embedded once)."""
+    tag = hashlib.sha256(version.encode()).hexdigest()[:12]
+    return f"features/{encoder}-{tag}/{sha256}.safetensors"
+
+
+def job_key(job_id: str, name: str) -> str:
+    """An output of job `job_id` (`neighbors.safetensors`, `result.json`, `plan.json`...)."""
+    return f"jobs/{job_id}/{name}"

@@ -1,0 +1,94 @@
+"""The crop worker (queue `crop`): the last stage of a crop job, the crop model itself.
+
+    procrop worker crop         # or: python -m services.cropper.worker
+
+Reads the photo, its features (embed stage) and neighbours (retrieve stage), runs the model (ONNX
+Runtime for the shipped bundle on a CPU, torch on the GPU when there is one) and the same
+post-processing as `procrop crop`, writes `jobs/{job}/result.json` ({width, height, crops}) and
+marks the job succeeded. A redelivered task writes the same result to the same key.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from celery import Task
+
+from services.cropper.inputs import neighbors_from
+from services.cropper.predictor import crops_for, model_arrays, model_location, run_model
+from services.cropper.runtime import Runner
+from shared.images import decode_image
+from shared.queue import CROP, worker_app
+from shared.settings import get_settings
+from shared.storage.keys import job_key
+from shared.worker import get_arrays, jobs, load_after_fork, object_store, run_stage, run_worker
+
+app = worker_app()
+
+
+@functools.cache
+def runner() -> Runner:
+    """The crop model of this worker process, loaded on first use."""
+    from services.cropper.predictor import build_runner
+
+    settings = get_settings()
+    return build_runner(settings, model_location(settings, settings.profile))
+
+
+def crop_photo(message: dict[str, Any]) -> dict[str, Any]:
+    """Chain message (keys of the photo, features and neighbours; n, aspect_ratios) -> result."""
+    model, store = runner(), object_store()
+    config = model.config
+    image_key = message["image_key"]
+    image = decode_image(store.get(image_key), image_key, get_settings().max_image_pixels)
+    features, _ = get_arrays(message["features_key"])
+    neighbors = None
+    if config.use_retrieval:
+        if not message.get("neighbors_key"):
+            raise ValueError("this crop model retrieves compositions, but none were retrieved")
+        found, _ = get_arrays(message["neighbors_key"])
+        crops = [
+            c.tolist() if has else None
+            for c, has in zip(found["crops"], found["has_crop"], strict=True)
+        ]
+        neighbors = [neighbors_from(found["tokens"], crops, config.k)]
+    text = None
+    if config.use_text:
+        if "text" not in features:
+            raise ValueError(
+                "this crop model reads BLIP text: run the embed worker with PROCROP_PROFILE=paper"
+            )
+        text = [features["text"]]
+    arrays = model_arrays(image, config, features["tokens"])
+    proposals = run_model(model, [arrays], neighbors, text)
+    [result] = crops_for(proposals, [image.size], message["n"], message["aspect_ratios"])
+    return result.to_dict()
+
+
+def write_result(message: dict[str, Any]) -> str:
+    """Crop and store the result; returns its key (the same for every delivery)."""
+    key = job_key(message["job_id"], "result.json")
+    result = crop_photo(message)
+    object_store().put(key, json.dumps(result).encode(), "application/json")
+    return key
+
+
+@app.task(name=CROP, bind=True)
+def crop(task: Task, message: dict[str, Any]) -> str:
+    """Chain stage 3: store the result and finish the job; returns the result's key."""
+    key = run_stage(task, message["job_id"], "crop", lambda: write_result(message))
+    jobs().succeed(message["job_id"], key)
+    return key
+
+
+load_after_fork(runner)
+
+
+def main() -> None:
+    run_worker("crop")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Composition collections: POST /v1/collections/{name}/index starts an indexing job."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from services.gateway.deps import Clients, ClientsDep, Owner
+from services.gateway.metrics import JOBS
+from services.gateway.routes.crops import ERRORS
+from services.gateway.schemas import IndexRequest, JobAccepted
+from shared.errors import ProCropError
+from shared.jobs import Job
+from shared.queue import INDEX_PLAN
+from shared.storage import check_key
+from shared.storage.keys import check_collection_name
+
+router = APIRouter(prefix="/v1/collections", tags=["collections"])
+
+
+@router.post(
+    "/{name}/index",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    responses=ERRORS,
+    summary="Index photos into a collection",
+)
+async def index(name: str, body: IndexRequest, clients: ClientsDep, owner: Owner) -> JSONResponse:
+    """Ingest every photo under `source` into collection `name` (created if missing; photos it
+    already holds are skipped). Follow the job, with its progress, at GET /v1/jobs/{job_id}."""
+    try:
+        check_collection_name(name)
+        if body.annotations_key:
+            check_key(body.annotations_key)
+    except ProCropError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    job = await run_in_threadpool(_enqueue, clients, owner, name, body)
+    accepted = JobAccepted(job_id=job.id, status=job.status)
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    return JSONResponse(accepted.model_dump(), status.HTTP_202_ACCEPTED, headers=headers)
+
+
+def _enqueue(clients: Clients, owner: str, name: str, body: IndexRequest) -> Job:
+    source = body.source.strip()
+    if not source.startswith("s3://"):  # a prefix of the gateway's own bucket
+        source = f"s3://{clients.settings.storage.bucket}/{source.lstrip('/')}"
+    params = {"collection": name, "source": source, "encoder": body.encoder,
+              "annotations_key": body.annotations_key}  # fmt: skip
+    job = clients.jobs.create("index", owner, params)
+    clients.celery.signature(INDEX_PLAN, args=(job.id,)).apply_async()
+    JOBS.labels("index").inc()
+    return job

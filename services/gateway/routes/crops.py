@@ -1,0 +1,184 @@
+"""Crop jobs: POST /v1/crops, GET and DELETE /v1/crops/{job_id}.
+
+A job is the Celery chain embed -> retrieve -> crop over the photo's object key; the photo is
+stored under `uploads/{sha256}.{ext}` first, so the same photo sent twice is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from celery import chain
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from services.gateway.deps import Clients, ClientsDep, Owner
+from services.gateway.jobs import owned_job, result_of, timings, wait_for
+from services.gateway.metrics import JOBS
+from services.gateway.schemas import CropJob, CropMultipartForm, CropRequest, Error, JobAccepted
+from services.gateway.uploads import checked_photo
+from shared.crop_request import check_crop_request
+from shared.errors import ObjectNotFoundError, StorageError
+from shared.jobs import Job
+from shared.queue import CROP, EMBED, RETRIEVE
+from shared.storage import check_key
+
+router = APIRouter(prefix="/v1/crops", tags=["crops"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Error} for code in (400, 401, 404, 413, 415, 422)
+}
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": CropMultipartForm.model_json_schema()},
+            "application/json": {"schema": CropRequest.model_json_schema()},
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    responses={200: {"model": CropJob, "description": "Finished within `wait`."}, **ERRORS},
+    openapi_extra=_OPENAPI_BODY,
+    summary="Submit a crop job",
+)
+async def submit(request: Request, clients: ClientsDep, owner: Owner) -> Any:
+    """Crop a photo: multipart with the photo as `image`, or JSON naming an object key.
+
+    Answers 202 with the job id, or, when the job finishes within `wait` seconds, 200 with the
+    job and its crops (the body of GET /v1/crops/{job_id})."""
+    form = await _read_request(request)
+    photo = await _photo(clients, form)
+    job = await run_in_threadpool(_enqueue, clients, owner, form, photo)
+    wait = min(form.wait, clients.settings.gateway.max_wait_s)
+    if wait > 0:
+        job = await wait_for(clients, job.id, wait)
+        if job.finished:
+            return JSONResponse((await crop_job_body(clients, job)).model_dump())
+    accepted = JobAccepted(job_id=job.id, status=job.status)
+    headers = {"Location": f"/v1/crops/{job.id}"}
+    return JSONResponse(accepted.model_dump(), status.HTTP_202_ACCEPTED, headers=headers)
+
+
+@router.get("/{job_id}", response_model=CropJob, responses=ERRORS, summary="A crop job")
+async def get(job_id: str, clients: ClientsDep, owner: Owner) -> CropJob:
+    """The job's status and, once it succeeded, its crops (best first)."""
+    return await crop_job_body(clients, await owned_job(clients, job_id, owner, "crop"))
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=CropJob,
+    responses={**ERRORS, 409: {"model": Error}},
+    summary="Cancel a crop job",
+)
+async def cancel(job_id: str, clients: ClientsDep, owner: Owner) -> CropJob:
+    """Cancel a queued or running job (its remaining stages are skipped); 409 once it ended."""
+    job = await owned_job(clients, job_id, owner, "crop")
+    if not await run_in_threadpool(clients.jobs.cancel, job.id):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.status}")
+    return await crop_job_body(clients, await run_in_threadpool(clients.jobs.get, job.id))
+
+
+async def crop_job_body(clients: Clients, job: Job) -> CropJob:
+    result = await result_of(clients, job)
+    return CropJob(
+        job_id=job.id, status=job.status, result=result, error=job.error,
+        created=job.created, updated=job.updated, timings=timings(job),
+    )  # fmt: skip
+
+
+async def _read_request(request: Request) -> CropMultipartForm | CropRequest:
+    """The request as a multipart form (with the photo's bytes) or a JSON `CropRequest`."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if kind == "multipart/form-data":
+            return await _read_form(request)
+        if kind == "application/json":
+            return CropRequest.model_validate(json.loads(await request.body()))
+    except ValidationError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _first_error(exc)) from None
+    except json.JSONDecodeError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"invalid JSON: {exc}") from None
+    raise HTTPException(
+        status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        f"send multipart/form-data (field 'image') or application/json, not {kind or 'nothing'}",
+    )
+
+
+async def _read_form(request: Request) -> CropMultipartForm:
+    async with request.form(max_files=1, max_fields=32) as form:
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, "field 'image' (a photo file) is required"
+            )
+        ratios = [r.strip() for v in form.getlist("aspect_ratios") for r in str(v).split(",")]
+        fields = {k: form.get(k) for k in ("n", "wait") if form.get(k) not in (None, "")}
+        return CropMultipartForm.model_validate(
+            {"image": await upload.read(), "aspect_ratios": [r for r in ratios if r], **fields}
+        )
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"{where}: {err['msg']}"
+
+
+async def _photo(clients: Clients, form: CropMultipartForm | CropRequest) -> dict[str, Any]:
+    """Check the request and its photo; store an uploaded photo. Returns `checked_photo`'s dict."""
+    try:
+        check_crop_request(form.n, form.aspect_ratios)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    settings = clients.settings
+    limit, pixels = settings.gateway.max_upload_bytes, settings.max_image_pixels
+    if isinstance(form, CropMultipartForm):
+        photo = await run_in_threadpool(checked_photo, form.image, "image", pixels, limit)
+        await run_in_threadpool(
+            clients.store.put, photo["key"], form.image, "image/" + photo["key"].rsplit(".", 1)[1]
+        )
+        return photo
+    data = await run_in_threadpool(_stored_photo, clients, form.image_key)
+    return {
+        **await run_in_threadpool(checked_photo, data, form.image_key, pixels, limit),
+        "key": form.image_key,
+    }
+
+
+def _stored_photo(clients: Clients, key: str) -> bytes:
+    try:
+        return clients.store.get(check_key(key))
+    except ObjectNotFoundError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no object {key!r} in the bucket") from None
+    except StorageError as exc:
+        if "invalid object key" in str(exc):
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise
+
+
+def _enqueue(
+    clients: Clients, owner: str, form: CropMultipartForm | CropRequest, photo: dict[str, Any]
+) -> Job:
+    """Record the job, then send its chain (ids and keys only)."""
+    params = {
+        "image_key": photo["key"], "n": form.n, "aspect_ratios": list(form.aspect_ratios),
+        "width": photo["width"], "height": photo["height"],
+    }  # fmt: skip
+    job = clients.jobs.create("crop", owner, params)
+    message = {"job_id": job.id, "sha256": photo["sha256"], **params}
+    app = clients.celery
+    chain(
+        app.signature(EMBED, args=(message,)), app.signature(RETRIEVE), app.signature(CROP)
+    ).apply_async()
+    JOBS.labels("crop").inc()
+    return job

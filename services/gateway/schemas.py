@@ -1,0 +1,116 @@
+"""The gateway's request and response bodies (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from shared.crop_request import MAX_ASPECT_RATIOS, MAX_CROPS
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Error(BaseModel):
+    """Every 4xx and 5xx answer: one line saying what was wrong."""
+
+    detail: str = Field(examples=["n must be between 1 and 100, got 0"])
+
+
+class CropRequest(BaseModel):
+    """A crop job for a photo already in the object store (JSON body of POST /v1/crops)."""
+
+    image_key: str = Field(
+        description="Object key of the photo in the bucket, e.g. uploads/....jpg"
+    )
+    n: int = Field(default=5, ge=1, le=MAX_CROPS, description="Crops per photo (per ratio).")
+    aspect_ratios: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ASPECT_RATIOS,
+        description="'W:H' ratios; with them, n crops per ratio at exactly that ratio.",
+        examples=[["16:9", "1:1"]],
+    )
+    wait: float = Field(
+        default=0, ge=0, description="Seconds to wait for the result before answering 202."
+    )
+
+
+class CropMultipartForm(BaseModel):
+    """POST /v1/crops as multipart/form-data: the photo and the same fields as `CropRequest`."""
+
+    image: bytes = Field(description="The photo (JPEG, PNG or WebP), checked by its content.")
+    n: int = Field(default=5, ge=1, le=MAX_CROPS)
+    aspect_ratios: list[str] = Field(
+        default_factory=list, description="Repeat the field, or separate ratios with commas."
+    )
+    wait: float = Field(default=0, ge=0)
+
+
+class Crop(BaseModel):
+    box: list[int] = Field(description="Pixel [x1, y1, x2, y2] in the original photo.")
+    score: float = Field(description="Aesthetic score in (0, 1).")
+    aspect_ratio: str | None = Field(description="The requested 'W:H' this crop has, or null.")
+
+
+class CropResult(BaseModel):
+    width: int
+    height: int
+    crops: list[Crop] = Field(description="Best first.")
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: JobStatus
+
+
+class CropJob(BaseModel):
+    """A crop job: its state and, once it succeeded, its crops."""
+
+    job_id: str
+    status: JobStatus
+    result: CropResult | None = None
+    error: str | None = None
+    created: float = Field(description="Unix time the job was submitted.")
+    updated: float = Field(description="Unix time of its last change.")
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
+
+
+class IndexRequest(BaseModel):
+    """POST /v1/collections/{name}/index: ingest photos under an object-store prefix."""
+
+    source: str = Field(
+        description="A key prefix in the gateway's bucket ('pro/photos/'), or s3://bucket/prefix.",
+        examples=["pro/photos/"],
+    )
+    encoder: Literal["lite", "sam"] | None = Field(
+        default=None, description="Composition encoder [default: the workers' setting]."
+    )
+    annotations_key: str | None = Field(
+        default=None, description="Object key of crop annotations (FCDB JSON) for the photos."
+    )
+
+
+class Progress(BaseModel):
+    done: int = 0
+    total: int = 0
+
+
+class Job(BaseModel):
+    """Any job (crop or index): state, progress and, when finished, its result."""
+
+    job_id: str
+    kind: Literal["crop", "index"]
+    status: JobStatus
+    progress: Progress
+    result: dict[str, Any] | None = Field(
+        default=None, description="Crop jobs: their CropResult; index jobs: their report."
+    )
+    error: str | None = None
+    created: float
+    updated: float
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,52 @@
+"""What a crop request may ask for, checked the same way at every edge (CLI, gateway, workers):
+how many crops (`n`) and which aspect ratios ("W:H"). Pure Python: the gateway imports it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+MAX_CROPS = 100  # most crops per photo (per ratio) a request may ask for
+MAX_ASPECT_RATIOS = 16  # most ratios one request may ask for
+
+AspectRatio = tuple[int, int] | float
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"  # unsigned decimal: no sign, exponent, inf or nan
+_RATIO_PATTERN = re.compile(rf"\s*{_NUMBER}\s*:\s*{_NUMBER}\s*")
+
+
+def parse_aspect_ratio(text: str) -> AspectRatio:
+    """Parse "W:H" into (W, H) when both are integers ("16:9"), else into the float W / H.
+
+    Accepts positive unsigned decimals ("1.91:1", "4:3.5") with optional spaces around the
+    colon. The tuple is not reduced ("32:18" stays (32, 18)).
+
+    Raises:
+        ValueError: naming `text`, for anything else ("abc", "0:1", "-1:2", "1:", "1:2:3",
+            "inf:1").
+    """
+    match = _RATIO_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"aspect ratio must be 'W:H' with positive numbers, e.g. '16:9' or '1.91:1'; "
+            f"got {text!r}"
+        )
+    w_text, h_text = match.groups()
+    w, h = float(w_text), float(h_text)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"aspect ratio sides must be positive; got {text!r}")
+    if w_text.isdigit() and h_text.isdigit():
+        return int(w_text), int(h_text)
+    return w / h
+
+
+def check_crop_request(n: int, aspect_ratios: Sequence[str]) -> None:
+    """Raise ValueError, naming the argument, for a bad `n` or a malformed aspect ratio."""
+    if not 1 <= n <= MAX_CROPS:
+        raise ValueError(f"n must be between 1 and {MAX_CROPS}, got {n}")
+    if len(aspect_ratios) > MAX_ASPECT_RATIOS:
+        raise ValueError(
+            f"at most {MAX_ASPECT_RATIOS} aspect ratios per request, got {len(aspect_ratios)}"
+        )
+    for text in aspect_ratios:
+        parse_aspect_ratio(text)
