@@ -256,7 +256,7 @@ def _ready(name: str, state: dict[str, Any], app: Any) -> bool:
 
     if name == "gateway":
         try:
-            with urllib.request.urlopen(state["endpoints"]["gateway"] + "/readyz", timeout=2):
+            with urllib.request.urlopen(state["endpoints"]["gateway"] + "/healthz", timeout=2):
                 return True
         except (urllib.error.URLError, OSError):
             return False

@@ -19,7 +19,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from procrop.servers import ServerProcess, start_seaweedfs
+from procrop.servers import ServerProcess, start_redis, start_seaweedfs
 from services.embedder.sam import SAM_BUILDERS
 from shared.settings import Settings, load_settings
 
@@ -35,6 +35,24 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
     server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"), S3_ACCESS_KEY, S3_SECRET_KEY)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """redis-server on 127.0.0.1, started once for the session (tests use their own db or keys)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: ServerProcess) -> Iterator[str]:
+    """A Redis URL on the session server; the database is emptied after the test."""
+    import redis
+
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    yield url
+    redis.Redis.from_url(url).flushdb()
 
 
 @pytest.fixture

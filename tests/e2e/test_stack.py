@@ -1,0 +1,272 @@
+"""End to end over HTTP: `procrop stack up` (real Redis, S3, Milvus Lite server, one Celery worker
+per queue, the gateway, as separate processes), crop and index jobs, failures, `stack down`.
+
+The stack is started once for the module with short task limits (time limit 10 s, visibility
+timeout 12 s), so a task whose worker is killed comes back within seconds, not an hour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.jobs import JobStore
+
+pytestmark = pytest.mark.slow
+ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789"
+PROCROP = [sys.executable, "-m", "procrop"]
+
+
+def _procrop(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PROCROP_")}
+    return subprocess.run(
+        [*PROCROP, *args], env={**base, "PROCROP_HOME": str(home), **(env or {})},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("stack-home")
+    env = {
+        "PROCROP_API_KEYS": f"{ALICE},{BOB}",
+        "PROCROP_GATEWAY__MAX_UPLOAD_MB": "1",
+        "PROCROP_QUEUE__TIME_LIMIT_S": "10",
+        "PROCROP_QUEUE__SOFT_TIME_LIMIT_S": "8",
+        "PROCROP_QUEUE__VISIBILITY_TIMEOUT_S": "12",
+        "PROCROP_QUEUE__INDEX_BATCH": "4",
+    }
+    up = _procrop(home, "stack", "up", env=env)
+    assert up.returncode == 0, up.stderr
+    summary = json.loads(up.stdout.strip().splitlines()[-1])  # the last line is JSON
+    state = json.loads((home / "stack" / "stack.json").read_text())
+    yield {**summary, "home": home, "env": state["env"]}
+    down = _procrop(home, "stack", "down")
+    assert down.returncode == 0, down.stderr
+    for pid in summary["pids"].values():  # every process it started is gone
+        assert not Path(f"/proc/{pid}").exists() or "Z" in _proc_state(pid)
+
+
+def _proc_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+@pytest.fixture(scope="module")
+def client(stack: dict[str, Any]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack["gateway"], timeout=60) as c:
+        yield c
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _submit(client: httpx.Client, photo: Path, key: str = ALICE, **fields: Any) -> httpx.Response:
+    with photo.open("rb") as handle:
+        return client.post(
+            "/v1/crops", headers=_auth(key), files={"image": (photo.name, handle, "image/jpeg")},
+            data={k: str(v) for k, v in fields.items()},
+        )  # fmt: skip
+
+
+def _wait_done(client: httpx.Client, job_id: str, key: str = ALICE, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/crops/{job_id}", headers=_auth(key)).json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body  # type: ignore[no-any-return]
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not done after {timeout_s} s: {body}")
+
+
+def _embedded(photo: Path, *args: str) -> dict[str, Any]:
+    """`procrop crop --json` on the photo: the embedded, in-process answer."""
+    out = subprocess.run(
+        [*PROCROP, "crop", str(photo), "--json", *args], capture_output=True, text=True,
+        check=True, timeout=120,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    return {k: result[k] for k in ("width", "height", "crops")}
+
+
+def test_stack_up_reports_gateway_and_status(stack: dict[str, Any]) -> None:
+    assert stack["gateway"].startswith("http://127.0.0.1:")
+    status = _procrop(stack["home"], "stack", "status")
+    assert status.returncode == 0
+    body = json.loads(status.stdout)
+    assert body["running"] is True
+    assert set(body["processes"]) == {
+        "redis", "s3", "milvus", "worker-embed", "worker-retrieve", "worker-crop",
+        "worker-index", "gateway",
+    }  # fmt: skip
+    again = _procrop(stack["home"], "stack", "up")  # idempotent: nothing new is started
+    assert json.loads(again.stdout.strip().splitlines()[-1])["pids"] == stack["pids"]
+
+
+def test_crop_round_trip_equals_embedded(client: httpx.Client, photo_dir: Path) -> None:
+    for photo, ratios in [
+        (photo_dir / "chelsea.jpg", []),
+        (photo_dir / "rocket.jpg", ["16:9", "1:1"]),
+    ]:
+        response = _submit(client, photo, n=3, wait=30, aspect_ratios=",".join(ratios))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["status"] == "succeeded"
+        assert set(body["timings"]) == {"embed", "retrieve", "crop"}
+        extra = [arg for r in ratios for arg in ("-a", r)]
+        assert body["result"] == _embedded(photo, "-n", "3", *extra)
+
+
+def test_crop_async_then_get(client: httpx.Client, photo_dir: Path) -> None:
+    response = _submit(client, photo_dir / "coffee.jpg", n=2)
+    assert response.status_code == 202
+    job_id = response.json()["job_id"]
+    assert response.headers["location"] == f"/v1/crops/{job_id}"
+    body = _wait_done(client, job_id)
+    assert body["status"] == "succeeded" and len(body["result"]["crops"]) == 2
+    job = client.get(f"/v1/jobs/{job_id}", headers=_auth(ALICE)).json()
+    assert job["kind"] == "crop" and job["result"] == body["result"]
+
+
+def test_auth_and_ownership(client: httpx.Client, photo_dir: Path) -> None:
+    assert _submit(client, photo_dir / "coffee.jpg", key="wrong-key-0123456789").status_code == 401
+    assert client.post("/v1/crops").status_code == 401
+    job_id = _submit(client, photo_dir / "coffee.jpg", wait=30).json()["job_id"]
+    mine = client.get(f"/v1/crops/{job_id}", headers=_auth(ALICE))
+    theirs = client.get(f"/v1/crops/{job_id}", headers=_auth(BOB))
+    assert mine.status_code == 200
+    assert theirs.status_code == 404
+    assert client.get(f"/v1/jobs/{job_id}", headers=_auth(BOB)).status_code == 404
+
+
+def test_bad_uploads_get_4xx(client: httpx.Client, tmp_path: Path) -> None:
+    corrupt = tmp_path / "photo.jpg"
+    corrupt.write_bytes(os.urandom(5000))
+    response = _submit(client, corrupt)
+    assert response.status_code == 415
+    assert "not a readable" in response.json()["detail"]
+    big = tmp_path / "big.jpg"
+    big.write_bytes(os.urandom(2 * 1024 * 1024))  # over the stack's 1 MiB limit
+    response = _submit(client, big)
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
+
+
+def test_burst_of_20_jobs_from_10_clients(stack: dict[str, Any], photo_dir: Path) -> None:
+    photos = sorted(photo_dir.glob("*.jpg"))
+
+    def one(i: int) -> dict[str, Any]:
+        with httpx.Client(base_url=stack["gateway"], timeout=120) as c:
+            response = _submit(c, photos[i % len(photos)], n=2, wait=90)
+            assert response.status_code in (200, 202), response.text
+            return _wait_done(c, response.json()["job_id"], timeout_s=120)
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(20)))
+    assert [r["status"] for r in results] == ["succeeded"] * 20
+    assert len({r["job_id"] for r in results}) == 20
+    by_photo: dict[int, list[Any]] = {}
+    for i, r in enumerate(results):  # the same photo gets the same crops, whatever the load
+        by_photo.setdefault(i % len(photos), []).append(r["result"])
+    assert all(all(r == rs[0] for r in rs) for rs in by_photo.values())
+
+
+def test_index_job_over_http(stack: dict[str, Any], client: httpx.Client, photo_dir: Path) -> None:
+    from shared.settings import load_settings
+    from shared.storage import build_object_store
+    from shared.vector_index import open_index
+
+    settings = load_settings(**_settings_overrides(stack))
+    store = build_object_store(settings)
+    for photo in sorted(photo_dir.glob("*.jpg")):
+        store.put(f"pro/{photo.name}", photo.read_bytes())
+    store.put("pro/broken.jpg", b"not a photo")
+    response = client.post(
+        "/v1/collections/pro_e2e/index", headers=_auth(ALICE), json={"source": "pro/"}
+    )
+    assert response.status_code == 202
+    job_id = response.json()["job_id"]
+    deadline, job = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=_auth(ALICE)).json()
+        if job["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == {"done": 7, "total": 7}  # 2 batches of 4 (batch size 4)
+    assert job["result"]["added"] == 6 and len(job["result"]["failed"]) == 1
+    assert open_index(settings).count("pro_e2e") == 6
+
+
+def _settings_overrides(stack: dict[str, Any]) -> dict[str, Any]:
+    env = stack["env"]
+    return {
+        "storage": {
+            "backend": "s3", "endpoint": env["PROCROP_STORAGE__ENDPOINT"],
+            "access_key": env["PROCROP_STORAGE__ACCESS_KEY"],
+            "secret_key": env["PROCROP_STORAGE__SECRET_KEY"],
+        },
+        "milvus": {"uri": env["PROCROP_MILVUS__URI"]},
+    }  # fmt: skip
+
+
+def test_worker_killed_mid_task_job_still_succeeds_once(
+    stack: dict[str, Any], client: httpx.Client, photo_dir: Path
+) -> None:
+    """SIGKILL the crop worker while its task waits on a (paused) S3 server; restart it; the
+    task comes back after the visibility timeout and the job succeeds with one result."""
+    jobs = JobStore.from_url(stack["env"]["PROCROP_QUEUE__REDIS_URL"])
+    pids = stack["pids"]
+    os.killpg(_current_pid(stack, "worker-crop"), signal.SIGKILL)  # no crop worker for now
+    photo = photo_dir / "astronaut.jpg"
+    job_id = _submit(client, photo, n=3).json()["job_id"]
+    _poll(lambda: "retrieve" in jobs.get(job_id).timings, "the job to reach the crop queue")
+    os.kill(pids["s3"], signal.SIGSTOP)
+    try:
+        assert _procrop(stack["home"], "stack", "up").returncode == 0  # a new crop worker
+        _poll(lambda: jobs.get(job_id).deliveries.get("crop") == 1, "the crop task to start")
+        time.sleep(0.5)  # it now waits on S3
+        os.killpg(_current_pid(stack, "worker-crop"), signal.SIGKILL)
+    finally:
+        os.kill(pids["s3"], signal.SIGCONT)
+    assert jobs.get(job_id).status == "running"
+    assert _procrop(stack["home"], "stack", "up").returncode == 0  # restarted
+    body = _wait_done(client, job_id, timeout_s=60)
+    assert body["status"] == "succeeded"
+    assert jobs.get(job_id).deliveries["crop"] == 2
+    assert body["result"] == _embedded(photo, "-n", "3")
+    from shared.settings import load_settings
+    from shared.storage import build_object_store
+
+    store = build_object_store(load_settings(**_settings_overrides(stack)))
+    assert list(store.list(f"jobs/{job_id}/")) == [
+        f"jobs/{job_id}/neighbors.safetensors", f"jobs/{job_id}/result.json",
+    ]  # fmt: skip
+
+
+def _current_pid(stack: dict[str, Any], name: str) -> int:
+    state = json.loads((stack["home"] / "stack" / "stack.json").read_text())
+    return int(state["processes"][name]["pid"])
+
+
+def _poll(ready: Any, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
