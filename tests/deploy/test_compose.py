@@ -1,0 +1,226 @@
+"""docker-compose.yml as `docker-compose config` resolves it with .env.example: every service, GPUs
+where they belong, health checks, loopback-only ports, Dockerfiles that exist and agree with
+pyproject.toml, and a gateway image without torch. Needs the docker-compose binary, no engine."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+PROCROP_SERVICES = {"gateway", "embedder", "retriever", "indexer", "cropper", "outpainter"}
+INFRA_SERVICES = {"redis", "minio", "etcd", "milvus"}
+GPU_SERVICES = {"embedder", "cropper", "outpainter"}
+MODEL_PACKAGES = {
+    "torch",
+    "torchvision",
+    "segment-anything",
+    "diffusers",
+    "transformers",
+    "onnxruntime",
+}
+REQUIRED_SECRETS = (
+    "PROCROP_API_KEYS",
+    "PROCROP_STORAGE__ACCESS_KEY",
+    "PROCROP_STORAGE__SECRET_KEY",
+)
+_VARIABLE_LINE = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=", re.MULTILINE)
+
+
+def run_config(env_file: Path) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config` on docker-compose.yml with `env_file`, every profile active."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is not installed: run `make setup`")
+    command = [binary, "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
+    # The caller's PROCROP_* variables would override the env file; COMPOSE_* would change files.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROCROP_", "COMPOSE_"))}
+    return subprocess.run(
+        [*command, "--profile", "cad", "config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    """The resolved services of docker-compose.yml, by name."""
+    result = run_config(ENV_EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    return config["services"]
+
+
+def dockerfile_of(service: dict[str, Any]) -> Path:
+    build = service["build"]
+    return Path(build["context"]) / build.get("dockerfile", "Dockerfile")
+
+
+def pip_installs(dockerfile: Path) -> list[list[str]]:
+    """The arguments of every `pip install` in the RUN instructions of `dockerfile`."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    installs = []
+    for line in text.splitlines():
+        if not line.startswith("RUN "):
+            continue
+        words = shlex.split(line.removeprefix("RUN "))
+        command: list[str] = []
+        for word in [*words, "&&"]:
+            if word != "&&":
+                command.append(word)
+                continue
+            if command[:2] == ["pip", "install"]:
+                installs.append(command[2:])
+            command = []
+    return installs
+
+
+def requirements_of(dockerfile: Path) -> list[Requirement]:
+    """The packages named on `pip install` command lines of `dockerfile` (not files, not `.`)."""
+    return [
+        Requirement(arg)
+        for args in pip_installs(dockerfile)
+        for i, arg in enumerate(args)
+        if not arg.startswith("-") and arg != "." and args[i - 1 : i] != ["-r"]
+    ]
+
+
+def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    reservations = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    return [d for d in reservations.get("devices", []) if "gpu" in d.get("capabilities", [])]
+
+
+def host_ip(port: str | dict[str, Any]) -> str:
+    """The host address of a port mapping, short (`IP:HOST:CONTAINER`) or long syntax."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", ""))
+    parts = str(port).split(":")
+    return parts[0] if len(parts) == 3 else ""
+
+
+def test_every_service_is_defined(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == PROCROP_SERVICES | INFRA_SERVICES
+
+
+def test_gpu_workers_reserve_one_nvidia_gpu_and_no_one_else(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    with_gpu = {name for name, service in services.items() if gpu_devices(service)}
+    assert with_gpu == GPU_SERVICES
+    for name in GPU_SERVICES:
+        [device] = gpu_devices(services[name])
+        assert device["driver"] == "nvidia" and device["count"] == 1, name
+
+
+def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        check = service.get("healthcheck", {})
+        assert check.get("test") and not check.get("disable"), name
+
+
+def test_workers_check_the_queue_they_consume(services: dict[str, dict[str, Any]]) -> None:
+    for name in PROCROP_SERVICES - {"gateway"}:
+        command = services[name]["command"]
+        assert command[0] == "worker", name
+        assert services[name]["healthcheck"]["test"] == ["CMD", "procrop", *command, "--check"]
+
+
+def test_procrop_services_start_after_healthy_infrastructure(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in PROCROP_SERVICES:
+        depends_on = services[name]["depends_on"]
+        for infra in ("redis", "minio", "milvus"):
+            assert depends_on[infra]["condition"] == "service_healthy", (name, infra)
+
+
+def test_dockerfiles_exist_for_every_procrop_service(services: dict[str, dict[str, Any]]) -> None:
+    for name in PROCROP_SERVICES:
+        assert dockerfile_of(services[name]).is_file(), name
+    for name in INFRA_SERVICES:
+        assert "build" not in services[name] and ":" in services[name]["image"], name
+
+
+def test_gateway_image_installs_no_model_libraries(services: dict[str, dict[str, Any]]) -> None:
+    dockerfile = dockerfile_of(services["gateway"])
+    names = {canonicalize_name(r.name) for r in requirements_of(dockerfile)}
+    assert names and not names & MODEL_PACKAGES
+    for args in pip_installs(dockerfile):
+        assert "-r" not in args, "requirements files could bring torch back"
+        assert "." not in args or "--no-deps" in args, "the project's own dependencies hold torch"
+
+
+def test_dockerfile_pins_agree_with_pyproject(services: dict[str, dict[str, Any]]) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {
+        canonicalize_name(r.name): r.specifier for r in map(Requirement, project["dependencies"])
+    }
+    for dockerfile in {dockerfile_of(services[name]) for name in PROCROP_SERVICES}:
+        for requirement in requirements_of(dockerfile):
+            name = canonicalize_name(requirement.name)
+            assert name in declared, f"{dockerfile.name}: {name} is not in pyproject.toml"
+            assert requirement.specifier == declared[name], f"{dockerfile.name}: {requirement}"
+
+
+def test_host_ports_bind_loopback_only(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert host_ip(port) == "127.0.0.1", (name, port)
+    assert [host_ip(p) for p in services["gateway"]["ports"]] == ["127.0.0.1"]
+
+
+def test_outpainter_runs_only_under_the_cad_profile(services: dict[str, dict[str, Any]]) -> None:
+    profiles = {name: service.get("profiles") for name, service in services.items()}
+    assert profiles.pop("outpainter") == ["cad"]
+    assert not any(profiles.values()), "a plain `up` must start every other service"
+
+
+def test_api_keys_reach_only_the_gateway(services: dict[str, dict[str, Any]]) -> None:
+    with_keys = {
+        name for name, s in services.items() if "PROCROP_API_KEYS" in s.get("environment", {})
+    }
+    assert with_keys == {"gateway"}
+
+
+@pytest.mark.parametrize("secret", REQUIRED_SECRETS)
+def test_a_missing_secret_fails_config(secret: str, tmp_path: Path) -> None:
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    env_file = tmp_path / ".env"
+    env_file.write_text("\n".join(line for line in lines if not line.startswith(f"{secret}=")))
+    result = run_config(env_file)
+    assert result.returncode != 0
+    assert secret in result.stderr
+
+
+def test_env_example_documents_every_variable_compose_reads() -> None:
+    compose_text = COMPOSE_FILE.read_text()
+    read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", compose_text))
+    for service in yaml.safe_load(compose_text)["services"].values():
+        environment = service.get("environment", {})
+        read |= {key for key, value in environment.items() if value is None}  # passed through
+    example = ENV_EXAMPLE.read_text().splitlines()
+    documented = {}
+    for i, line in enumerate(example):
+        match = _VARIABLE_LINE.match(line)
+        if match:
+            above = example[i - 1] if i else ""
+            documented[match[1]] = above.startswith("#") and not _VARIABLE_LINE.match(above)
+    assert read <= set(documented), sorted(read - set(documented))
+    assert all(documented.values()), [k for k, has_comment in documented.items() if not has_comment]
