@@ -42,6 +42,7 @@ bench: $(STAMP)  ## every benchmark; each prints JSON
 	$(PY) -m benchmarks.eval_knn_transfer
 	$(PY) -m benchmarks.eval_crop_models
 	$(PY) -m benchmarks.bench_crop_speed
+	$(PY) -m benchmarks.bench_stack
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

@@ -435,6 +435,7 @@ WORKERS = {
     "retrieve": "services.retriever.worker",
     "index": "services.retriever.worker",
     "crop": "services.cropper.worker",
+    "outpaint": "",  # its tasks arrive with CAD dataset generation
 }
 
 
@@ -452,6 +453,8 @@ def worker_cmd(settings: Settings, queue: str, check: bool) -> None:
 
     if check:
         sys.exit(0 if ping_worker(queue) else 1)
+    if not WORKERS[queue]:
+        raise ProCropError(f"the {queue} worker has no tasks yet (they come with CAD generation)")
     module = importlib.import_module(WORKERS[queue])
     if queue in ("retrieve", "index"):
         module.main(queue)

@@ -112,13 +112,13 @@ class JobStore:
         """Record a new queued job; returns it."""
         job_id = job_id or self.new_id()
         now = time.time()
-        mapping = {
+        mapping: dict[str, str | float] = {
             "kind": kind, "owner": owner, "status": "queued",
             "params": json.dumps(params, sort_keys=True), "created": now, "updated": now,
         }  # fmt: skip
         key = KEY_PREFIX + job_id
         with self.redis.pipeline() as pipe:
-            pipe.hset(key, mapping=mapping)
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]  # redis-py's Mapping is invariant
             pipe.expire(key, self.ttl_s)
             pipe.execute()
         return Job.from_hash(job_id, {k: str(v) for k, v in mapping.items()})

@@ -145,7 +145,11 @@ class Settings(BaseSettings):
     """Everything a ProCrop process reads from its environment."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", validate_default=True
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_ignore_empty=True,  # PROCROP_CROP__MODEL= means the default, not ""
+        extra="ignore",
+        validate_default=True,
     )
 
     home: Path = Path("~/.procrop")  # embedded state: Milvus Lite file, local object store

@@ -54,7 +54,8 @@ async def result_of(clients: Clients, job: Job) -> dict[str, Any] | None:
         data = await run_in_threadpool(clients.store.get, job.result_key)
     except ObjectNotFoundError:
         return None  # expired or removed from the bucket: the record outlived it
-    return json.loads(data)  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(data)
+    return result
 
 
 def timings(job: Job) -> dict[str, float]:

@@ -38,7 +38,7 @@ def compute_relations(
     out: dict[str, Any] = {
         "collection": retriever.collection,
         "k": k,
-        "encoder": retriever.encoder.spec,
+        "encoder": retriever.spec,
         "photos": {},
     }
     for start in range(0, len(photos), batch_size):
@@ -65,7 +65,7 @@ def _vectors(
     stored = retriever.index.vectors(retriever.collection, hashes)
     missing = [i for i, sha in enumerate(hashes) if sha not in stored]
     images = [decode_image(data[i], refs[i].uri, max_pixels) for i in missing]
-    encoded = retriever.encoder.encode(images).vectors
+    encoded = retriever.encode(images)
     fresh = {hashes[i]: encoded[j] for j, i in enumerate(missing)}
     return np.stack([stored[sha] if sha in stored else fresh[sha] for sha in hashes])
 

@@ -33,19 +33,26 @@ class Retriever:
     ) -> None:
         """`spec` (an encoder's `spec`) stands in for `encoder` where vectors arrive precomputed
         (the retrieve worker): `search_vectors` then works, `search` does not."""
-        if encoder is None and spec is None:
+        if encoder is not None:
+            spec = encoder.spec
+        elif spec is None:
             raise ValueError("give the encoder, or the spec of the encoder the vectors came from")
         self.collection, self.encoder, self.index = collection, encoder, index
-        self.metadata = index.check_compatible(collection, spec or encoder.spec)  # type: ignore[union-attr]
+        self.spec: dict[str, str | int] = spec
+        self.metadata = index.check_compatible(collection, self.spec)
 
     def search(self, queries: Sequence[Query], k: int = 10) -> list[list[Neighbor]]:
         """Top-`k` neighbours per query, best first; a query never gets itself (same sha256)."""
         if not queries:
             return []
-        if self.encoder is None:
-            raise ValueError("this retriever has no encoder: use search_vectors")
-        vectors = self.encoder.encode([q.image for q in queries]).vectors
+        vectors = self.encode([q.image for q in queries])
         return self.search_vectors(vectors, [q.sha256 for q in queries], k)
+
+    def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(B, D) index vectors of the photos."""
+        if self.encoder is None:
+            raise ValueError("this retriever has no encoder: search with precomputed vectors")
+        return self.encoder.encode(images).vectors
 
     def search_vectors(
         self, vectors: np.ndarray, hashes: Sequence[str | None], k: int

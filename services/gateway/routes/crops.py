@@ -19,7 +19,14 @@ from starlette.datastructures import UploadFile
 from services.gateway.deps import Clients, ClientsDep, Owner
 from services.gateway.jobs import owned_job, result_of, timings, wait_for
 from services.gateway.metrics import JOBS
-from services.gateway.schemas import CropJob, CropMultipartForm, CropRequest, Error, JobAccepted
+from services.gateway.schemas import (
+    CropJob,
+    CropMultipartForm,
+    CropRequest,
+    CropResult,
+    Error,
+    JobAccepted,
+)
 from services.gateway.uploads import checked_photo
 from shared.crop_request import check_crop_request
 from shared.errors import ObjectNotFoundError, StorageError
@@ -91,7 +98,8 @@ async def cancel(job_id: str, clients: ClientsDep, owner: Owner) -> CropJob:
 async def crop_job_body(clients: Clients, job: Job) -> CropJob:
     result = await result_of(clients, job)
     return CropJob(
-        job_id=job.id, status=job.status, result=result, error=job.error,
+        job_id=job.id, status=job.status, error=job.error,
+        result=CropResult.model_validate(result) if result else None,
         created=job.created, updated=job.updated, timings=timings(job),
     )  # fmt: skip
 
