@@ -82,7 +82,7 @@ def post(client: httpx.Client, path: str, wait: float) -> tuple[float, dict[str,
     return elapsed, response.json()
 
 
-def sequential(gateway: str, paths: list[str]) -> dict[str, Any]:
+def sequential(gateway: str, redis_url: str, paths: list[str]) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(base_url=gateway, headers=headers, timeout=120) as client:
         post(client, paths[0], 60)  # warm-up: first features, model pages, connections
@@ -91,11 +91,24 @@ def sequential(gateway: str, paths: list[str]) -> dict[str, Any]:
         failed = next(b for _, b in runs if b["status"] != "succeeded")
         sys.exit(f"a job did not succeed: {failed}")
     ms = np.asarray([t for t, _ in runs])
-    stages = {
-        stage: round(float(np.median([b["timings"][stage] * 1000 for _, b in runs])), 3)
-        for stage in ("embed", "retrieve", "crop")
-    }
-    return {**summary(ms), "stage_p50_ms": stages}
+    return {**summary(ms), "breakdown_p50_ms": breakdown(redis_url, [b["job_id"] for _, b in runs])}
+
+
+def breakdown(redis_url: str, job_ids: list[str]) -> dict[str, float]:
+    """Where a job's time goes, from its record: time in each stage and waiting before it (the
+    queue hop: Redis, the worker's pool, the job-record update), median over jobs."""
+    from shared.jobs import JobStore
+
+    store, rows = JobStore.from_url(redis_url), []
+    for job_id in job_ids:
+        job = store.get(job_id)
+        s, t, previous_end, row = job.started, job.timings, job.created, {}
+        for stage in ("embed", "retrieve", "crop"):
+            row[f"wait_{stage}"] = s[stage] - previous_end
+            row[stage] = t[stage]
+            previous_end = s[stage] + t[stage]
+        rows.append(row)
+    return {k: round(1000 * float(np.median([r[k] for r in rows])), 3) for k in rows[0]}
 
 
 def throughput(gateway: str, paths: list[str], clients: int) -> dict[str, Any]:
@@ -151,7 +164,7 @@ def main() -> None:
         base = embedded(paths)
         stack = stack_up(Path(home))
         try:
-            seq = sequential(stack["gateway"], paths)
+            seq = sequential(stack["gateway"], stack["redis"], paths)
             thr = throughput(stack["gateway"], paths, args.clients)
             sub = submit_latency(stack["gateway"], paths[0], args.submitters, args.submits)
         finally:

@@ -3,7 +3,8 @@
 One hash per job, `procrop:job:{id}`, kept `ttl_s` after its last change:
 
     kind, owner, status, params (JSON), created, updated, error, result_key,
-    t.<stage> (seconds the stage ran), n.<stage> (times the stage was delivered), worker,
+    t.<stage> (seconds the stage ran), n.<stage> (times the stage was delivered),
+    s.<stage> (Unix time the stage last started), worker,
     progress.total, progress.done
 
 Status moves queued -> running -> succeeded | failed, or to cancelled from queued or running;
@@ -62,6 +63,7 @@ class Job:
     worker: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     deliveries: dict[str, int] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)  # stage -> Unix time it last started
     progress: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -86,6 +88,7 @@ class Job:
             worker=raw.get("worker") or None,
             timings=prefixed("t.", float),
             deliveries=prefixed("n.", int),
+            started=prefixed("s.", float),
             progress=prefixed("progress.", int),
         )
 
@@ -133,7 +136,10 @@ class JobStore:
     def start_stage(self, job_id: str, stage: str, worker: str) -> bool:
         """Mark the job running in `stage`; False if the job is over (cancelled, failed...)."""
         self.redis.hincrby(KEY_PREFIX + job_id, f"n.{stage}", 1)
-        return self._move(job_id, "running", stage=stage, worker=worker) == 1
+        return (
+            self._move(job_id, "running", stage=stage, worker=worker, **{f"s.{stage}": time.time()})
+            == 1
+        )
 
     def finish_stage(self, job_id: str, stage: str, seconds: float) -> None:
         self.redis.hset(KEY_PREFIX + job_id, f"t.{stage}", round(seconds, 6))

@@ -224,6 +224,23 @@ def _settings_overrides(stack: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def test_cancelled_job_skips_its_remaining_stages(
+    stack: dict[str, Any], client: httpx.Client, photo_dir: Path
+) -> None:
+    jobs = JobStore.from_url(stack["env"]["PROCROP_QUEUE__REDIS_URL"])
+    os.killpg(_current_pid(stack, "worker-crop"), signal.SIGKILL)  # the job stops before crop
+    job_id = _submit(client, photo_dir / "camera.jpg").json()["job_id"]
+    _poll(lambda: "retrieve" in jobs.get(job_id).timings, "the job to reach the crop queue")
+    response = client.delete(f"/v1/crops/{job_id}", headers=_auth(ALICE))
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert _procrop(stack["home"], "stack", "up").returncode == 0  # the crop worker is back
+    _poll(lambda: jobs.get(job_id).deliveries.get("crop") == 1, "the crop task to be delivered")
+    body = client.get(f"/v1/crops/{job_id}", headers=_auth(ALICE)).json()
+    assert body["status"] == "cancelled" and body["result"] is None
+    assert "crop" not in jobs.get(job_id).timings  # it never ran
+    assert client.delete(f"/v1/crops/{job_id}", headers=_auth(ALICE)).status_code == 409
+
+
 def test_worker_killed_mid_task_job_still_succeeds_once(
     stack: dict[str, Any], client: httpx.Client, photo_dir: Path
 ) -> None:
