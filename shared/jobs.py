@@ -30,16 +30,37 @@ TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 KEY_PREFIX = "procrop:job:"
 DONE_CHANNEL = "procrop:job-done:"
 
-# KEYS[1] job hash; ARGV: new status, ttl, now, then field/value pairs to set with it.
-# Returns 1 when the job moved (or was already in that non-final state), 0 if final or missing.
+# KEYS[1] job hash; ARGV: new status, ttl, now, a counter to increment even on an ended job ('' for
+# none), then field / value pairs to set with it. Returns 1 when the job moved, 0 if it had ended, -1 if it is missing
+# (and then writes nothing: no half-made record without a TTL).
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
+if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[4], 1) end
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated', ARGV[3])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+# KEYS[1] job hash; ARGV: field / value pairs, set only if the job exists. Returns 1 or 0.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# KEYS[1] job hash, KEYS[2] its parts hash; ARGV: part, item count, ttl. Records the part once,
+# writes the sum of all parts as progress.done and returns {done, total}, in one step.
+_PART_DONE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+local done = 0
+for _, count in ipairs(redis.call('HVALS', KEYS[2])) do done = done + tonumber(count) end
+redis.call('HSET', KEYS[1], 'progress.done', done)
+return {done, tonumber(redis.call('HGET', KEYS[1], 'progress.total') or '0')}
 """
 
 
@@ -99,6 +120,8 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600) -> None:
         self.redis, self.ttl_s = client, ttl_s
         self._transition = client.register_script(_TRANSITION)
+        self._update = client.register_script(_UPDATE)
+        self._part_done = client.register_script(_PART_DONE)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -134,15 +157,15 @@ class JobStore:
         return Job.from_hash(job_id, raw)  # type: ignore[arg-type]
 
     def start_stage(self, job_id: str, stage: str, worker: str) -> bool:
-        """Mark the job running in `stage`; False if the job is over (cancelled, failed...)."""
-        self.redis.hincrby(KEY_PREFIX + job_id, f"n.{stage}", 1)
+        """Mark the job running in `stage` and count the delivery; False if the job is over
+        (cancelled, failed...). Raises `JobNotFoundError` for an unknown job."""
+        started = {f"s.{stage}": time.time()}
         return (
-            self._move(job_id, "running", stage=stage, worker=worker, **{f"s.{stage}": time.time()})
-            == 1
+            self._move(job_id, "running", f"n.{stage}", stage=stage, worker=worker, **started) == 1
         )
 
     def finish_stage(self, job_id: str, stage: str, seconds: float) -> None:
-        self.redis.hset(KEY_PREFIX + job_id, f"t.{stage}", round(seconds, 6))
+        self._set(job_id, **{f"t.{stage}": round(seconds, 6)})
 
     def succeed(self, job_id: str, result_key: str) -> bool:
         """Final: the result is at `result_key`. False if the job had already ended."""
@@ -157,21 +180,21 @@ class JobStore:
         return self._finish(job_id, "cancelled", error="cancelled by the client")
 
     def set_progress(self, job_id: str, total: int) -> None:
-        self.redis.hset(KEY_PREFIX + job_id, mapping={"progress.total": total, "progress.done": 0})
+        self._set(job_id, **{"progress.total": total, "progress.done": 0})
 
     def mark_part_done(self, job_id: str, part: str, count: int) -> tuple[int, int]:
         """Record part `part` (of `count` items) as done, once however often it is delivered;
         returns (items done, items in all)."""
-        parts_key = f"{KEY_PREFIX}{job_id}:parts"
-        with self.redis.pipeline() as pipe:
-            pipe.hsetnx(parts_key, part, count)
-            pipe.expire(parts_key, self.ttl_s)
-            pipe.hvals(parts_key)
-            pipe.hget(KEY_PREFIX + job_id, "progress.total")
-            _, _, counts, total = pipe.execute()
-        done = sum(int(c) for c in counts)
-        self.redis.hset(KEY_PREFIX + job_id, "progress.done", done)
-        return done, int(total or 0)
+        keys = [KEY_PREFIX + job_id, f"{KEY_PREFIX}{job_id}:parts"]
+        done, total = self._part_done(keys=keys, args=[part, count, self.ttl_s])
+        if int(done) < 0:
+            raise JobNotFoundError(f"no job {job_id!r}")
+        return int(done), int(total)
+
+    def _set(self, job_id: str, **fields: Any) -> None:
+        args = [item for pair in fields.items() for item in pair]
+        if not int(self._update(keys=[KEY_PREFIX + job_id], args=args)):
+            raise JobNotFoundError(f"no job {job_id!r}")
 
     def _finish(self, job_id: str, status: Status, **fields: Any) -> bool:
         moved = self._move(job_id, status, **fields) == 1
@@ -179,8 +202,8 @@ class JobStore:
             self.redis.publish(DONE_CHANNEL + job_id, status)
         return moved
 
-    def _move(self, job_id: str, status: Status, **fields: Any) -> int:
-        argv: list[Any] = [status, self.ttl_s, time.time()]
+    def _move(self, job_id: str, status: Status, count: str = "", **fields: Any) -> int:
+        argv: list[Any] = [status, self.ttl_s, time.time(), count]
         for name, value in fields.items():
             argv += [name, value]
         result = int(self._transition(keys=[KEY_PREFIX + job_id], args=argv))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -33,6 +34,7 @@ class Clients:
     redis_async: aioredis.Redis
     owners: dict[str, str] = field(default_factory=dict)  # sha256(key) -> owner id
     _index: Any = None
+    _index_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def connect(cls, settings: Settings) -> Clients:
@@ -51,11 +53,12 @@ class Clients:
 
     def vector_index(self) -> Any:
         """Milvus, opened on first use (readiness checks only; pymilvus is slow to import)."""
-        if self._index is None:
-            from shared.vector_index import open_index
+        with self._index_lock:
+            if self._index is None:
+                from shared.vector_index import open_index
 
-            self._index = open_index(self.settings)
-        return self._index
+                self._index = open_index(self.settings)
+            return self._index
 
     async def close(self) -> None:
         await self.redis_async.aclose()

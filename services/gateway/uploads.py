@@ -18,6 +18,7 @@ from shared.storage.keys import upload_key
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields on top of the photo
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+_MIME = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
 
 def too_large(limit: int) -> HTTPException:
@@ -64,10 +65,11 @@ async def _send_json(send: Send, code: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def checked_photo(data: bytes, name: str, max_pixels: int, limit: int) -> dict[str, Any]:
+def checked_photo(data: bytes, name: str, max_pixels: int, limit: int | None) -> dict[str, Any]:
     """Decode `data` fully (its content decides, not its name); returns its sha256, object key,
-    width and height. Raises 413 over the size limit, 415 for anything not a readable photo."""
-    if len(data) > limit:
+    MIME type, width and height. Raises 413 over `limit` bytes (None: no limit), 415 for anything
+    that is not a readable photo."""
+    if limit is not None and len(data) > limit:
         raise too_large(limit)
     try:
         image = decode_image(data, name, max_pixels)
@@ -78,6 +80,7 @@ def checked_photo(data: bytes, name: str, max_pixels: int, limit: int) -> dict[s
     return {
         "sha256": sha,
         "key": upload_key(sha, fmt),
+        "mime": _MIME.get(fmt, "application/octet-stream"),
         "width": image.width,
         "height": image.height,
     }

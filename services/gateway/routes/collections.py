@@ -31,6 +31,7 @@ async def index(name: str, body: IndexRequest, clients: ClientsDep, owner: Owner
     already holds are skipped). Follow the job, with its progress, at GET /v1/jobs/{job_id}."""
     try:
         check_collection_name(name)
+        _check_source(body.source)
         if body.annotations_key:
             check_key(body.annotations_key)
     except ProCropError as exc:
@@ -39,6 +40,20 @@ async def index(name: str, body: IndexRequest, clients: ClientsDep, owner: Owner
     accepted = JobAccepted(job_id=job.id, status=job.status)
     headers = {"Location": f"/v1/jobs/{job.id}"}
     return JSONResponse(accepted.model_dump(), status.HTTP_202_ACCEPTED, headers=headers)
+
+
+def _check_source(source: str) -> None:
+    """A non-empty prefix without '..' parts; not the gateway's own uploads or job outputs."""
+    prefix = source.strip().removeprefix("s3://")
+    if not prefix.strip("/"):
+        raise ProCropError("source: give a prefix of photos, e.g. 'pro/photos/'")
+    if source.strip().startswith("s3://"):
+        prefix = prefix.partition("/")[2]
+    if ".." in prefix.split("/") or (
+        prefix.split("/")[0] in ("uploads", "jobs", "features")
+        and not source.strip().startswith("s3://")
+    ):
+        raise ProCropError(f"source: {source!r} is not a prefix of photos to index")
 
 
 def _enqueue(clients: Clients, owner: str, name: str, body: IndexRequest) -> Job:

@@ -90,9 +90,11 @@ async def get(job_id: str, clients: ClientsDep, owner: Owner) -> CropJob:
 async def cancel(job_id: str, clients: ClientsDep, owner: Owner) -> CropJob:
     """Cancel a queued or running job (its remaining stages are skipped); 409 once it ended."""
     job = await owned_job(clients, job_id, owner, "crop")
-    if not await run_in_threadpool(clients.jobs.cancel, job.id):
+    cancelled = await run_in_threadpool(clients.jobs.cancel, job.id)
+    job = await run_in_threadpool(clients.jobs.get, job.id)
+    if not cancelled:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.status}")
-    return await crop_job_body(clients, await run_in_threadpool(clients.jobs.get, job.id))
+    return await crop_job_body(clients, job)
 
 
 async def crop_job_body(clients: Clients, job: Job) -> CropJob:
@@ -114,7 +116,7 @@ async def _read_request(request: Request) -> CropMultipartForm | CropRequest:
             return CropRequest.model_validate(json.loads(await request.body()))
     except ValidationError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _first_error(exc)) from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"invalid JSON: {exc}") from None
     raise HTTPException(
         status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
@@ -152,15 +154,12 @@ async def _photo(clients: Clients, form: CropMultipartForm | CropRequest) -> dic
     limit, pixels = settings.gateway.max_upload_bytes, settings.max_image_pixels
     if isinstance(form, CropMultipartForm):
         photo = await run_in_threadpool(checked_photo, form.image, "image", pixels, limit)
-        await run_in_threadpool(
-            clients.store.put, photo["key"], form.image, "image/" + photo["key"].rsplit(".", 1)[1]
-        )
+        await run_in_threadpool(clients.store.put, photo["key"], form.image, photo["mime"])
         return photo
+    # A photo already in the bucket was not uploaded: only the pixel cap applies to it.
     data = await run_in_threadpool(_stored_photo, clients, form.image_key)
-    return {
-        **await run_in_threadpool(checked_photo, data, form.image_key, pixels, limit),
-        "key": form.image_key,
-    }
+    photo = await run_in_threadpool(checked_photo, data, form.image_key, pixels, None)
+    return {**photo, "key": form.image_key}
 
 
 def _stored_photo(clients: Clients, key: str) -> bytes:
