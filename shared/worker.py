@@ -113,6 +113,14 @@ def run_stage(task: Task, job_id: str, stage: str, work: Callable[[], T]) -> T:
     return out
 
 
+def chain_stage(
+    task: Task, message: dict[str, Any], stage: str, output: str, work: Callable[[], Any]
+) -> dict[str, Any]:
+    """A stage of a job's chain: `run_stage`, then the message for the next stage, with the
+    stage's output key added as `output`."""
+    return {**message, output: run_stage(task, message["job_id"], stage, work)}
+
+
 def _retry_or_fail(task: Task, job_id: str, stage: str, exc: Exception) -> None:
     q = get_settings().queue
     attempt = task.request.retries

@@ -23,7 +23,7 @@ from shared.images import decode_image
 from shared.queue import EMBED, worker_app
 from shared.settings import get_settings
 from shared.storage.keys import features_key
-from shared.worker import load_after_fork, object_store, put_arrays, run_stage, run_worker
+from shared.worker import chain_stage, load_after_fork, object_store, put_arrays, run_worker
 
 app = worker_app()
 
@@ -70,13 +70,8 @@ def embed_photo(image_key: str, sha256: str) -> str:
 @app.task(name=EMBED, bind=True)
 def embed(task: Task, message: dict[str, Any]) -> dict[str, Any]:
     """Chain stage 1: `message` has job_id, image_key, sha256; adds features_key."""
-    key = run_stage(
-        task,
-        message["job_id"],
-        "embed",
-        lambda: embed_photo(message["image_key"], message["sha256"]),
-    )
-    return {**message, "features_key": key}
+    image_key, sha = message["image_key"], message["sha256"]
+    return chain_stage(task, message, "embed", "features_key", lambda: embed_photo(image_key, sha))
 
 
 load_after_fork(models)

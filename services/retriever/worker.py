@@ -35,6 +35,7 @@ from shared.settings import get_settings
 from shared.storage.keys import check_collection_name, job_key
 from shared.vector_index import VectorIndex, open_index
 from shared.worker import (
+    chain_stage,
     get_arrays,
     jobs,
     load_after_fork,
@@ -91,13 +92,14 @@ def find_neighbors(job_id: str, features_key: str, sha256: str) -> str | None:
 @app.task(name=RETRIEVE, bind=True)
 def retrieve(task: Task, message: dict[str, Any]) -> dict[str, Any]:
     """Chain stage 2: adds neighbors_key to `message`."""
-    key = run_stage(
+    job_id, features_key, sha = message["job_id"], message["features_key"], message["sha256"]
+    return chain_stage(
         task,
-        message["job_id"],
+        message,
         "retrieve",
-        lambda: find_neighbors(message["job_id"], message["features_key"], message["sha256"]),
+        "neighbors_key",
+        lambda: find_neighbors(job_id, features_key, sha),
     )
-    return {**message, "neighbors_key": key}
 
 
 # --- indexing jobs -------------------------------------------------------------------------------
