@@ -13,16 +13,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from services.gateway.deps import Clients
 from services.gateway.metrics import RequestMetrics
 from services.gateway.routes import collections, crops, health, jobs
 from services.gateway.uploads import BodyLimit
-from shared.errors import ProCropError, SettingsError, StorageError, VectorIndexError
+from shared.errors import SettingsError, StorageError, VectorIndexError
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -67,9 +69,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StorageError)
     @app.exception_handler(VectorIndexError)
-    async def unavailable(_: Request, exc: ProCropError) -> JSONResponse:
-        log.warning("dependency failed: %s", exc)
-        return JSONResponse({"detail": f"service unavailable: {exc}"}, 503)
+    @app.exception_handler(redis.RedisError)
+    @app.exception_handler(OperationalError)
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        """S3, Milvus or Redis (job records, the broker) failing: 503, with what failed."""
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("dependency failed: %s", reason)
+        return JSONResponse({"detail": f"service unavailable: {reason}"}, 503)
 
 
 def main() -> None:

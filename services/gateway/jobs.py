@@ -60,3 +60,12 @@ async def result_of(clients: Clients, job: Job) -> dict[str, Any] | None:
 
 def timings(job: Job) -> dict[str, float]:
     return {stage: round(seconds, 4) for stage, seconds in job.timings.items()}
+
+
+def send(clients: Clients, job: Job, signature: Any) -> None:
+    """Send a job's first task; a job whose task never left fails at once (not queued forever)."""
+    try:
+        signature.apply_async(retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+    except Exception as exc:
+        clients.jobs.fail(job.id, f"could not queue the job: {exc}")
+        raise

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.gateway.deps import Clients, ClientsDep, Owner
+from services.gateway.jobs import send
 from services.gateway.metrics import JOBS
 from services.gateway.routes.crops import ERRORS
 from services.gateway.schemas import IndexRequest, JobAccepted
@@ -63,6 +64,6 @@ def _enqueue(clients: Clients, owner: str, name: str, body: IndexRequest) -> Job
     params = {"collection": name, "source": source, "encoder": body.encoder,
               "annotations_key": body.annotations_key}  # fmt: skip
     job = clients.jobs.create("index", owner, params)
-    clients.celery.signature(INDEX_PLAN, args=(job.id,)).apply_async()
+    send(clients, job, clients.celery.signature(INDEX_PLAN, args=(job.id,)))
     JOBS.labels("index").inc()
     return job

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from services.gateway.deps import Clients, ClientsDep, Owner
-from services.gateway.jobs import owned_job, result_of, timings, wait_for
+from services.gateway.jobs import owned_job, result_of, send, timings, wait_for
 from services.gateway.metrics import JOBS
 from services.gateway.schemas import (
     CropJob,
@@ -184,8 +184,9 @@ def _enqueue(
     job = clients.jobs.create("crop", owner, params)
     message = {"job_id": job.id, "sha256": photo["sha256"], **params}
     app = clients.celery
-    chain(
+    stages = chain(
         app.signature(EMBED, args=(message,)), app.signature(RETRIEVE), app.signature(CROP)
-    ).apply_async()
+    )
+    send(clients, job, stages)
     JOBS.labels("crop").inc()
     return job

@@ -593,3 +593,16 @@ def test_gateway_never_imports_torch() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_redis_down_is_a_503_naming_it(
+    gateway_env: pytest.MonkeyPatch, photo: bytes, alice: dict[str, str]
+) -> None:
+    gateway_env.setenv("PROCROP_QUEUE__REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    with TestClient(create_app(load_settings())) as client:
+        response = client.post("/v1/crops", headers=alice, files={"image": ("a.jpg", photo)})
+        ready = client.get("/readyz")
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"].startswith("service unavailable: ")
+    assert "127.0.0.1" in response.json()["detail"]
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"] != "ok"
