@@ -37,6 +37,7 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 WORKER_QUEUES = ("embed", "retrieve", "crop", "index")
+PRELOADING = ("embed", "retrieve", "crop")  # workers that load models (or an index) at start
 INFRA = ("redis", "s3", "milvus")
 STATE_FILE = "stack.json"
 READY_TIMEOUT_S = 120.0
@@ -263,7 +264,17 @@ def _ready(name: str, state: dict[str, Any], app: Any) -> bool:
     from shared.queue import worker_name
 
     queue = name.removeprefix("worker-")
-    return bool(app.control.ping(destination=[worker_name(queue)], timeout=0.5))
+    if not app.control.ping(destination=[worker_name(queue)], timeout=0.5):
+        return False
+    if queue not in PRELOADING:
+        return True
+    # The parent answers pings before its pool process has loaded the models: wait for those.
+    import redis
+
+    from shared.worker import loaded_key
+
+    client = redis.Redis.from_url(state["env"]["PROCROP_QUEUE__REDIS_URL"], decode_responses=True)
+    return client.get(loaded_key(queue)) == str(state["processes"][name]["pid"])
 
 
 def _stop(proc: StackProcess, sig: int, timeout_s: float = 15.0) -> None:

@@ -107,6 +107,9 @@ class QueueSettings(BaseModel):
     max_retries: int = Field(default=5, ge=0)  # transient failures (Redis, S3, Milvus hiccups)
     retry_backoff_max_s: int = Field(default=60, ge=1)
     concurrency: int = Field(default=1, ge=1, le=64)  # processes per worker; 1 per GPU
+    # prefork: models load in pool processes, a pool process that dies has its task re-queued at
+    # once; solo: the task runs in the worker process itself (no pipe hop, one task at a time).
+    pool: Literal["prefork", "solo"] = "prefork"
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # how long job records are kept
     index_batch: int = Field(default=256, ge=1, le=10_000)  # photos per indexing task
 

@@ -146,12 +146,26 @@ def load_after_fork(loader: Callable[[], Any]) -> None:
             loader()
         except ProCropError as exc:  # the first task reports it again, on its job
             log.error("could not load models: %s", exc)
+            return
+        if _serving is not None:  # tell `procrop stack up` (and operators) the models are in
+            queue, worker_pid = _serving
+            jobs().redis.set(loaded_key(queue), worker_pid, ex=24 * 3600)
 
     worker_process_init.connect(_load, weak=False)
 
 
+def loaded_key(queue: str) -> str:
+    """Redis key holding the pid of the worker of `queue` on this host whose models are loaded."""
+    return f"procrop:loaded:{worker_name(queue)}"
+
+
+_serving: tuple[str, int] | None = None  # (queue, worker pid) of this process's worker
+
+
 def run_worker(queue: str, settings: Settings | None = None) -> None:
     """Start a Celery worker consuming `queue` (blocks until it is stopped)."""
+    global _serving
+    _serving = (queue, os.getpid())  # pool processes inherit it
     settings = settings or get_settings()
     argv = [
         "worker",
@@ -160,7 +174,7 @@ def run_worker(queue: str, settings: Settings | None = None) -> None:
         f"--concurrency={settings.queue.concurrency}",
         f"--prefetch-multiplier={1 if queue in GPU_QUEUES else 4}",
         f"--loglevel={settings.log_level}",
-        "--pool=prefork",
+        f"--pool={settings.queue.pool}",
         "--without-gossip",
         "--without-mingle",
     ]
