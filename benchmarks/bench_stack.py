@@ -2,6 +2,7 @@
 the first N of the FCDB validation split (the trainer's fixed split, seed 2026).
 
     .venv/bin/python -m benchmarks.bench_stack [--photos 50] [--clients 8] [--submitters 50]
+                                               [--pool prefork|solo]
 
 1. embedded: `build_predictor` + `predictor.crop` in this process, one photo at a time (read,
    decode, crop), after one warm-up photo: the per-photo latency a single CLI process gets.
@@ -58,9 +59,9 @@ def embedded(paths: list[str]) -> dict[str, Any]:
     return {**summary(times), "photos_per_s": round(1000 * len(ms) / times.sum(), 2)}
 
 
-def stack_up(home: Path) -> dict[str, Any]:
+def stack_up(home: Path, pool: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCROP_")}
-    env.update(PROCROP_HOME=str(home), PROCROP_API_KEYS=API_KEY)
+    env.update(PROCROP_HOME=str(home), PROCROP_API_KEYS=API_KEY, PROCROP_QUEUE__POOL=pool)
     out = subprocess.run(
         [sys.executable, "-m", "procrop", "stack", "up"], env=env, capture_output=True, text=True
     )
@@ -157,12 +158,13 @@ def main() -> None:
     parser.add_argument("--submitters", type=int, default=50)
     parser.add_argument("--submits", type=int, default=4, help="submits per submitter")
     parser.add_argument("--fcdb", type=Path, default=FCDB)
+    parser.add_argument("--pool", choices=["prefork", "solo"], default="prefork")
     args = parser.parse_args()
     paths = validation_photos(args.fcdb, args.photos)
     with tempfile.TemporaryDirectory(prefix="procrop-bench-") as home:
         os.environ.pop("PROCROP_HOME", None)
         base = embedded(paths)
-        stack = stack_up(Path(home))
+        stack = stack_up(Path(home), args.pool)
         try:
             seq = sequential(stack["gateway"], stack["redis"], paths)
             thr = throughput(stack["gateway"], paths, args.clients)
@@ -176,6 +178,7 @@ def main() -> None:
         "stack_vs_embedded",
         {
             "photos": len(paths),
+            "pool": args.pool,
             "embedded": base,
             "stack_sequential": seq,
             "added_ms_p50": round(seq["p50_ms"] - base["p50_ms"], 3),
