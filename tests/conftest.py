@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -53,6 +54,15 @@ def redis_url(redis_server: ServerProcess) -> Iterator[str]:
     url = f"redis://127.0.0.1:{redis_server.port}/0"
     yield url
     redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No `PROCROP_*` variable from the outer environment, and a throwaway HOME."""
+    for name in list(os.environ):
+        if name.upper().startswith("PROCROP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,14 +9,7 @@ import pytest
 from shared.errors import SettingsError
 from shared.settings import Settings, load_settings
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No `PROCROP_*` variable from the outer environment, and a throwaway HOME."""
-    for name in list(os.environ):
-        if name.upper().startswith("PROCROP_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+pytestmark = pytest.mark.usefixtures("clean_env")  # see tests/conftest.py
 
 
 def test_defaults(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +18,8 @@ BOB_KEY = "bob-key-0123456789"
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No `PROCROP_*` variable from the outer environment (fixtures set their own after this)."""
-    for name in list(os.environ):
-        if name.upper().startswith("PROCROP_"):
-            monkeypatch.delenv(name)
+def _clean(clean_env: None) -> None:
+    """Every gateway test starts without the outer PROCROP_* variables (fixtures set their own)."""
 
 
 @pytest.fixture(scope="module")
