@@ -67,7 +67,7 @@ def stack_up(home: Path, pool: str) -> dict[str, Any]:
     )
     if out.returncode != 0:
         sys.exit(f"stack up failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def post(client: httpx.Client, path: str, wait: float) -> tuple[float, dict[str, Any]]:
@@ -164,8 +164,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="procrop-bench-") as home:
         os.environ.pop("PROCROP_HOME", None)
         base = embedded(paths)
-        stack = stack_up(Path(home), args.pool)
         try:
+            stack = stack_up(Path(home), args.pool)
             seq = sequential(stack["gateway"], stack["redis"], paths)
             thr = throughput(stack["gateway"], paths, args.clients)
             sub = submit_latency(stack["gateway"], paths[0], args.submitters, args.submits)

@@ -120,10 +120,18 @@ class Stack:
         self.dir.chmod(0o700)
         access, secret = "procrop", secrets.token_urlsafe(24)
         with ThreadPoolExecutor(3) as pool:
-            redis_f = pool.submit(start_redis, self.dir / "redis")
-            s3_f = pool.submit(start_seaweedfs, self.dir / "s3", access, secret)
-            milvus_f = pool.submit(start_milvus_lite, self.dir / "milvus")
-            servers = {"redis": redis_f.result(), "s3": s3_f.result(), "milvus": milvus_f.result()}
+            futures = {
+                "redis": pool.submit(start_redis, self.dir / "redis"),
+                "s3": pool.submit(start_seaweedfs, self.dir / "s3", access, secret),
+                "milvus": pool.submit(start_milvus_lite, self.dir / "milvus"),
+            }
+        failed = [f.exception() for f in futures.values() if f.exception() is not None]
+        if failed:  # stop the servers that did start: nothing is left without a state file
+            for future in futures.values():
+                if future.exception() is None:
+                    future.result().stop()
+            raise ProCropError(f"could not start the stack's servers: {failed[0]}")
+        servers = {name: future.result() for name, future in futures.items()}
         env = self._service_env(servers, access, secret)
         state = {
             "processes": {n: _record(s) for n, s in servers.items()},
