@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Task
 
-from services.cropper.inputs import neighbors_from
+from services.cropper.inputs import Neighbors
 from services.cropper.predictor import crops_for, model_arrays, model_location, run_model
 from services.cropper.runtime import Runner
 from shared.images import decode_image
@@ -48,12 +48,8 @@ def crop_photo(message: dict[str, Any]) -> dict[str, Any]:
     if config.use_retrieval:
         if not message.get("neighbors_key"):
             raise ValueError("this crop model retrieves compositions, but none were retrieved")
-        found, _ = get_arrays(message["neighbors_key"])
-        crops = [
-            c.tolist() if has else None
-            for c, has in zip(found["crops"], found["has_crop"], strict=True)
-        ]
-        neighbors = [neighbors_from(found["tokens"], crops, config.k)]
+        found, _ = get_arrays(message["neighbors_key"])  # already padded to K by the retriever
+        neighbors = [Neighbors(found["tokens"], found["crops"], found["has_crop"])]
     text = None
     if config.use_text:
         if "text" not in features:

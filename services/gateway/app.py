@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from services.gateway.deps import Clients
 from services.gateway.metrics import RequestMetrics
 from services.gateway.routes import collections, crops, health, jobs
+from services.gateway.schemas import first_error
 from services.gateway.uploads import BodyLimit
 from shared.errors import SettingsError, StorageError, VectorIndexError
 from shared.settings import Settings, get_settings
@@ -63,9 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return JSONResponse({"detail": f"{where}: {err['msg']}"}, 422)
+        return JSONResponse({"detail": first_error(exc.errors())}, 422)
 
     @app.exception_handler(StorageError)
     @app.exception_handler(VectorIndexError)

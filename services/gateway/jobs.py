@@ -22,7 +22,7 @@ async def owned_job(clients: Clients, job_id: str, owner: str, kind: str | None 
         job = None
     if job is None or job.owner != owner or (kind is not None and job.kind != kind):
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, f"no {kind or ''} job {job_id!r}".replace("  ", " ")
+            status.HTTP_404_NOT_FOUND, f"no {kind + ' ' if kind else ''}job {job_id!r}"
         )
     return job
 

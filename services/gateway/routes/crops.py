@@ -26,6 +26,7 @@ from services.gateway.schemas import (
     CropResult,
     Error,
     JobAccepted,
+    first_error,
 )
 from services.gateway.uploads import checked_photo
 from shared.crop_request import check_crop_request
@@ -115,7 +116,9 @@ async def _read_request(request: Request) -> CropMultipartForm | CropRequest:
         if kind == "application/json":
             return CropRequest.model_validate(json.loads(await request.body()))
     except ValidationError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, _first_error(exc)) from None
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, first_error(exc.errors())
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"invalid JSON: {exc}") from None
     raise HTTPException(
@@ -136,12 +139,6 @@ async def _read_form(request: Request) -> CropMultipartForm:
         return CropMultipartForm.model_validate(
             {"image": await upload.read(), "aspect_ratios": [r for r in ratios if r], **fields}
         )
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "body"
-    return f"{where}: {err['msg']}"
 
 
 async def _photo(clients: Clients, form: CropMultipartForm | CropRequest) -> dict[str, Any]:
