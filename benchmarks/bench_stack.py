@@ -39,6 +39,7 @@ API_KEY = "bench-key-0123456789abcdef"
 
 
 def embedded(paths: list[str]) -> dict[str, Any]:
+    from services.cropper.postprocess import CropRequest
     from services.cropper.predictor import build_predictor
     from shared.images import content_hash, decode_image
     from shared.settings import load_settings
@@ -47,7 +48,7 @@ def embedded(paths: list[str]) -> dict[str, Any]:
 
     def one(path: str) -> None:
         data = Path(path).read_bytes()
-        predictor.crop([decode_image(data, path)], [content_hash(data)], n=5)
+        predictor.crop([decode_image(data, path)], [content_hash(data)], CropRequest(5))
 
     one(paths[0])  # warm-up
     ms = []

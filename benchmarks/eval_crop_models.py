@@ -15,16 +15,16 @@ from pathlib import Path
 
 from benchmarks.common import FCDB, emit
 from procrop.evaluation import evaluate
-from services.cropper.bundle import LITE_BUNDLE
 from services.cropper.predictor import build_predictor
 from shared.annotations import fixed_split, load_fcdb
+from shared.checkpoints import shipped_bundle
 from shared.settings import load_settings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fcdb", type=Path, default=FCDB)
-    parser.add_argument("--model", default=str(LITE_BUNDLE))
+    parser.add_argument("--model", default=str(shipped_bundle()))
     parser.add_argument(
         "--ablation", default="runs/lite-noret/best", help="model without retrieval"
     )

@@ -276,16 +276,17 @@ def crop_cmd(
     each crop has exactly that ratio: the model's best proposals adjusted as little as possible.
     """
     from procrop.cropping import run_crop
-    from services.cropper.predictor import build_predictor, check_crop_request
+    from services.cropper.postprocess import CropRequest
+    from services.cropper.predictor import build_predictor
 
     try:
-        check_crop_request(n, aspect_ratios)
+        request = CropRequest.parse(n, aspect_ratios)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     predictor = build_predictor(settings, profile or settings.profile, model, collection)
     with progress(len(images), "photo") as bar:
         failed = run_crop(
-            predictor, images, n, aspect_ratios, as_json, out, settings.max_image_pixels, bar.update
+            predictor, images, request, as_json, out, settings.max_image_pixels, bar.update
         )
     if failed:
         sys.exit(1)
@@ -397,9 +398,9 @@ def bundle_cmd(
 
     The photos are those of the relations file that are in COLLECTION (the training photos).
     """
-    from services.cropper.bundle import export_index
     from services.cropper.checkpoint import load_checkpoint, open_location, save_checkpoint
     from services.cropper.runtime import ONNX_FILE, example_arrays, export_onnx
+    from services.retriever.bundle_index import export_index
     from services.retriever.relations import read_relations
     from services.retriever.token_store import TokenStore
     from shared.storage import LocalObjectStore

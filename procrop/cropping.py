@@ -16,13 +16,8 @@ from pathlib import Path
 import click
 from PIL import Image, ImageDraw, ImageFont
 
-from services.cropper.predictor import (
-    CropPredictor,
-    CropResult,
-    Prepared,
-    check_crop_request,
-    crops_for,
-)
+from services.cropper.postprocess import CropRequest, CropResult
+from services.cropper.predictor import CropPredictor, Prepared
 from shared.errors import InvalidImageError
 from shared.images import content_hash, decode_image, read_bytes
 
@@ -76,25 +71,19 @@ def prepared_batches(
 def run_crop(
     predictor: CropPredictor,
     paths: Sequence[str],
-    n: int,
-    aspect_ratios: Sequence[str],
+    request: CropRequest,
     as_json: bool,
     out: Path | None,
     max_pixels: int,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
     """Crop every photo; returns the number of photos that failed."""
-    check_crop_request(n, aspect_ratios)
     failed = 0
     for photos, errors, prepared in prepared_batches(predictor, paths, max_pixels):
         for error in errors:
             click.echo(f"procrop: skipped {error}", err=True)
         failed += len(errors)
-        proposals = predictor.propose_prepared(prepared) if prepared else []
-        sizes = [p.image.size for p in photos]
-        for photo, result in zip(
-            photos, crops_for(proposals, sizes, n, aspect_ratios), strict=True
-        ):
+        for photo, result in zip(photos, predictor.crop_prepared(prepared, request), strict=True):
             click.echo(format_result(photo.path, result, as_json))
             if out is not None:
                 write_outputs(photo, result, out)

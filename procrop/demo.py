@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from procrop.cropping import run_crop
+from services.cropper.postprocess import CropRequest
 from services.cropper.predictor import build_predictor
 from shared.settings import Settings
 
@@ -33,6 +34,6 @@ def run_demo(settings: Settings, n: int = 3) -> Path:
     out = settings.home / "demo" / "out"
     predictor = build_predictor(settings, "lite")
     paths = [str(folder / name) for name in SAMPLES]
-    run_crop(predictor, paths, n, (), False, out, settings.max_image_pixels)
+    run_crop(predictor, paths, CropRequest(n), False, out, settings.max_image_pixels)
     click.echo(f"crops and overlays (STEM.overlay.png) in {out}")
     return out

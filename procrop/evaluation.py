@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from procrop.cropping import Photo, prepared_batches
-from services.cropper.predictor import CropPredictor, select_crops
+from procrop.cropping import prepared_batches
+from services.cropper.postprocess import CropRequest, CropResult
+from services.cropper.predictor import CropPredictor
 from shared.annotations import AnnotatedPhoto
 from shared.boxes import denormalize_xyxy
 from shared.errors import ProCropError
@@ -47,45 +48,44 @@ def evaluate(
     got = _Collected()
     paths = [str(root / name) for name in names]
     by_path = dict(zip(paths, names, strict=True))
+    top4 = CropRequest(4)
     for photos, errors, prepared in prepared_batches(predictor, paths, max_pixels):
         if errors:
             raise ProCropError(errors[0])
-        for photo, prop in zip(photos, predictor.propose_prepared(prepared), strict=True):
-            _collect(got, predictor, photo, labels[by_path[photo.path]], prop, baselines)
+        knn: list[np.ndarray | None] = [None] * len(prepared)
+        if baselines and predictor.retrieval is not None:  # kNN crop transfer
+            knn = [n.median_crop() for n in predictor.neighbors(prepared)]
+        results = predictor.crop_prepared(prepared, top4)
+        for photo, result, transfer in zip(photos, results, knn, strict=True):
+            label = labels[by_path[photo.path]]
+            _collect(got, predictor.config.k, label, result, transfer, baselines)
         if on_progress:
             on_progress(len(photos))
     return _report(got)
 
 
 def _collect(
-    got: _Collected, predictor: CropPredictor, photo, label, proposals, baselines: bool
+    got: _Collected,
+    k: int,
+    label: AnnotatedPhoto,
+    result: CropResult,
+    knn: np.ndarray | None,
+    baselines: bool,
 ) -> None:
-    w, h = photo.image.size
+    w, h = result.width, result.height
     truths = denormalize_xyxy(np.asarray(label.crops_norm, np.float64), w, h)
     got.truths.append(truths)
     got.sizes.append((w, h))
     got.mos.append(np.asarray(label.scores if label.scores is not None else [1.0] * len(truths)))
-    result = select_crops(proposals, w, h, 4, [])
     got.top4.append(np.asarray([c.box for c in result.crops], np.float64))
     top1 = {"ProCrop": got.top4[-1][0]}
     if baselines:
         top1["whole photo"] = np.array([0, 0, w, h], np.float64)
         top1["centre 90%"] = np.array([0.05 * w, 0.05 * h, 0.95 * w, 0.95 * h])
-        knn = _knn_transfer(predictor, photo)
         if knn is not None:
-            top1[f"kNN-{predictor.config.k} median"] = denormalize_xyxy(knn, w, h)
+            top1[f"kNN-{k} median"] = denormalize_xyxy(knn, w, h)
     for method, box in top1.items():
         got.top1.setdefault(method, []).append(box)
-
-
-def _knn_transfer(predictor: CropPredictor, photo: Photo) -> np.ndarray | None:
-    """kNN crop transfer: the per-coordinate median of the neighbours' crops (normalized xyxy)."""
-    if predictor.retrieval is None:
-        return None
-    vector = predictor.search_vectors([photo.image])
-    neighbors = predictor.retrieval.neighbors(vector, [photo.sha256])[0]
-    crops = neighbors.crops[neighbors.has_crop]
-    return np.median(crops.astype(np.float64), axis=0) if len(crops) else None
 
 
 def _report(got: _Collected) -> dict[str, dict[str, float]]:

@@ -175,19 +175,13 @@ def _jsonl_photo(record: object, root: Path) -> _Parsed:
         raise ValueError("'crops' must be a list")
     key = _relative_key(image, root)
     width, height = _jsonl_size(record, root / image)
-    boxes, scores, skipped = [], [], 0
+    found = _Crops(key, width, height)
     for i, crop in enumerate(crops):
         if not isinstance(crop, dict):
             raise ValueError(f"crop {i} must be a JSON object")
         box = [_number(v, f"crop {i} box") for v in _sequence(crop["box"], 4, f"crop {i} box")]
-        score = _number(crop.get("score", 1.0), f"crop {i} score")
-        normalized = _normalized_crop(box, width, height, key)
-        if normalized is None:
-            skipped += 1
-            continue
-        boxes.append(normalized)
-        scores.append(score)
-    return key, _ranked(key, width, height, boxes, scores), skipped
+        found.add(box, _number(crop.get("score", 1.0), f"crop {i} score"))
+    return found.parsed()
 
 
 def _jsonl_size(record: dict, image: Path) -> tuple[int, int]:
@@ -254,23 +248,17 @@ def _gaicd_photo(
         lines = note.read_text().splitlines()
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ProCropError(f"{note}: {exc}") from None
-    boxes, scores, skipped = [], [], 0
+    crops = _Crops(key, width, height)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             box, mos = _gaicd_line(line)
-            if mos == GAICD_INVALID_MOS:
-                continue
-            crop = _normalized_crop(box, width, height, key)
+            if mos != GAICD_INVALID_MOS:
+                crops.add(box, mos)
         except ValueError as exc:
             raise ProCropError(f"{note}:{number}: {exc}") from None
-        if crop is None:
-            skipped += 1
-            continue
-        boxes.append(crop)
-        scores.append(mos)
-    return key, _ranked(key, width, height, boxes, scores), skipped
+    return crops.parsed()
 
 
 def _gaicd_line(line: str) -> tuple[list[float], float]:
@@ -300,6 +288,30 @@ def _normalized_crop(
         raise ValueError(f"empty crop for {image}")
     x1, y1, x2, y2 = (round(float(v), 6) for v in box)
     return x1, y1, x2, y2
+
+
+class _Crops:
+    """A photo's crops as they are read: normalized, those far outside the photo counted apart."""
+
+    def __init__(self, key: str, width: int, height: int) -> None:
+        self.key, self.width, self.height = key, width, height
+        self.boxes: list[Box] = []
+        self.scores: list[float] = []
+        self.skipped = 0
+
+    def add(self, box_px: Sequence[float], score: float) -> None:
+        """Add a pixel xyxy crop; ValueError if it is empty or not finite."""
+        crop = _normalized_crop(box_px, self.width, self.height, self.key)
+        if crop is None:
+            self.skipped += 1
+            return
+        self.boxes.append(crop)
+        self.scores.append(score)
+
+    def parsed(self) -> _Parsed:
+        """(key, photo or None, crops skipped)."""
+        photo = _ranked(self.key, self.width, self.height, self.boxes, self.scores)
+        return self.key, photo, self.skipped
 
 
 def _ranked(

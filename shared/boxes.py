@@ -1,9 +1,13 @@
 """Box conventions and geometry, in one place.
 
-Two conventions:
+Two conventions, and one in between:
 - inside models: normalized (cx, cy, w, h), each in [0, 1] of the image;
 - at the edges (APIs, files, metrics): pixel (x1, y1, x2, y2), x2/y2 exclusive.
-Normalized (x1, y1, x2, y2) is used for crop annotations stored in the index (`crop_norm`).
+- Normalized (x1, y1, x2, y2) is the stored form of a crop whose photo is not at hand (annotations
+  in the index, `crops_norm`; neighbours' crops; training labels under windows and flips). It is
+  the pixel convention divided by the photo's size, so it survives a resize of the photo, and
+  window / flip arithmetic stays the same as on pixels; it becomes cxcywh only at the model's
+  input (`xyxy_to_cxcywh`) and pixels only at the edge (`denormalize_xyxy`).
 
 Every function takes numpy arrays or torch tensors of shape (..., 4) and returns the same kind,
 so the model (torch) and the services (numpy) share one implementation. torch is never imported.
@@ -109,3 +113,15 @@ def generalized_box_iou(a: Array, b: Array) -> Array:
     """Pairwise GIoU (Rezatofighi et al. 2019) of (N, 4) and (M, 4) xyxy boxes -> (N, M), in [-1, 1]."""
     inter, union, enclosing = _intersection_union(a, b)
     return inter / union - (enclosing - union) / enclosing
+
+
+def flip_xyxy(boxes: Array) -> Array:
+    """Mirror normalized (..., 4) xyxy boxes left-right."""
+    x1, y1, x2, y2 = (boxes[..., i] for i in range(4))
+    return _stack(_xp(boxes), [1 - x2, y1, 1 - x1, y2])
+
+
+def median_box(boxes: np.ndarray) -> np.ndarray | None:
+    """The per-coordinate median of (N, 4) boxes (kNN crop transfer), or None when N is 0."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.median(boxes, axis=0) if len(boxes) else None

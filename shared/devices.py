@@ -1,8 +1,19 @@
-"""Torch device selection for workers (imports torch: never import this from the gateway)."""
+"""Device selection for workers. `resolve_device` imports torch; `cuda_visible` does not, so the
+ONNX crop path can decide on its runtime without paying torch's start-up."""
 
 from __future__ import annotations
 
-import torch
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def cuda_visible() -> bool:
+    """Whether an NVIDIA GPU is visible to this process, without importing torch."""
+    return Path("/dev/nvidia0").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -11,6 +22,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     Raises:
         ValueError: `device` is not a device name torch knows.
     """
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

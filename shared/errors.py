@@ -7,6 +7,12 @@ a URI), so the CLI can print it as-is and the gateway can turn it into a 4xx / 5
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class ProCropError(Exception):
     """Base class: an error with a user-facing one-line message."""
 

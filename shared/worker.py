@@ -41,6 +41,7 @@ from shared.errors import (
     ProCropError,
     StorageError,
     VectorIndexError,
+    one_line,
 )
 from shared.jobs import JobStore
 from shared.queue import GPU_QUEUES, worker_app, worker_name
@@ -98,7 +99,7 @@ def run_stage(task: Task, job_id: str, stage: str, work: Callable[[], T]) -> T:
     try:
         out = work()
     except BAD_INPUT as exc:
-        store.fail(job_id, _one_line(exc))
+        store.fail(job_id, one_line(exc))
         raise Ignore() from None
     except TRANSIENT as exc:
         _retry_or_fail(task, job_id, stage, exc)
@@ -125,16 +126,11 @@ def _retry_or_fail(task: Task, job_id: str, stage: str, exc: Exception) -> None:
     q = get_settings().queue
     attempt = task.request.retries
     if attempt >= q.max_retries:
-        jobs().fail(job_id, f"{stage} failed {attempt + 1} times: {_one_line(exc)}")
+        jobs().fail(job_id, f"{stage} failed {attempt + 1} times: {one_line(exc)}")
         raise Ignore() from None
     delay = min(q.retry_backoff_max_s, 2**attempt)
     log.warning("job %s: %s failed (%s); retry %d in %d s", job_id, stage, exc, attempt + 1, delay)
     raise task.retry(countdown=delay, max_retries=q.max_retries) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def load_after_fork(loader: Callable[[], Any]) -> None:

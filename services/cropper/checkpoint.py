@@ -13,15 +13,21 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from services.cropper.config import CHECKPOINT_FORMAT, CONFIG, open_location, read_config
-from services.cropper.config import location_key as _key
+from services.cropper.config import ModelConfig, model_config
 from services.cropper.model import ProCrop, build_model
+from shared.checkpoints import CHECKPOINT_FORMAT, CONFIG, open_location, read_config_json
+from shared.checkpoints import location_key as _key
 from shared.errors import ModelLoadError, ObjectNotFoundError
 from shared.storage import ObjectStore
 
 WEIGHTS, TRAINER = "model.safetensors", "trainer.pt"
-__all__ = ["CONFIG", "open_location", "read_config"]  # read without torch from config.py
+__all__ = ["open_location"]  # checkpoint locations live in shared.checkpoints
 FORMAT = CHECKPOINT_FORMAT
+
+
+def read_config(store: ObjectStore, prefix: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, provenance info) of the checkpoint under `prefix`."""
+    return model_config(*read_config_json(store, prefix), store.uri(_key(prefix, CONFIG)))
 
 
 def save_checkpoint(

@@ -7,15 +7,11 @@ with the shape it was trained with; `ModelConfig.from_dict` refuses unknown keys
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import ModelLoadError, ObjectNotFoundError, ProCropError
-from shared.settings import Settings
-from shared.storage import LocalObjectStore, ObjectStore, build_object_store, parse_s3_uri
-
-CONFIG = "config.json"
+from shared.checkpoints import CHECKPOINT_FORMAT, parse_config
+from shared.errors import ModelLoadError, ProCropError
 
 BACKBONES = ("lite", "resnet50", "resnet18", "resnet_tiny")
 
@@ -90,22 +86,21 @@ class LossConfig:
     match_copies: int = 1
 
 
-CHECKPOINT_FORMAT = "procrop-crop-model-v1"
+__all__ = ["CHECKPOINT_FORMAT", "config_from_json"]
 
 
 def config_from_json(data: bytes, source: str) -> tuple[ModelConfig, dict[str, Any]]:
     """A checkpoint's `config.json` -> (ModelConfig, provenance info); errors name `source`."""
-    from shared.errors import ModelLoadError
+    return model_config(*parse_config(data, source), source)
 
+
+def model_config(
+    model: dict[str, Any], info: dict[str, Any], source: str
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """A config.json's `model` object -> ModelConfig (errors name `source`), with `info`."""
     try:
-        parsed = json.loads(data)
-    except ValueError as exc:
-        raise ModelLoadError(f"{source}: not JSON ({exc})") from None
-    if not isinstance(parsed, dict) or parsed.get("format") != CHECKPOINT_FORMAT:
-        raise ModelLoadError(f"{source}: not a {CHECKPOINT_FORMAT} config")
-    try:
-        return ModelConfig.from_dict(parsed["model"]), parsed.get("info", {})
-    except (ProCropError, TypeError, KeyError) as exc:
+        return ModelConfig.from_dict(model), info
+    except (ProCropError, TypeError) as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
 
 
@@ -130,30 +125,3 @@ def profile_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in PROFILES:
         raise ProCropError(f"unknown model profile {name!r}: one of {', '.join(PROFILES)}")
     return dataclasses.replace(PROFILES[name], **overrides)
-
-
-# --- where checkpoints live (read here, without torch: the retrieve worker needs only the config) ---
-
-
-def open_location(location: str, settings: Settings | None = None) -> tuple[ObjectStore, str]:
-    """A checkpoint location (folder or s3://bucket/prefix) -> (store, key prefix)."""
-    if location.startswith("s3://"):
-        if settings is None or settings.storage.backend != "s3":
-            raise ProCropError(f"{location}: set PROCROP_STORAGE__BACKEND=s3 to use an S3 location")
-        bucket, prefix = parse_s3_uri(location)
-        return build_object_store(settings, bucket=bucket), prefix.strip("/")
-    return LocalObjectStore(location), ""
-
-
-def location_key(prefix: str, name: str) -> str:
-    """The key of file `name` of a checkpoint under key prefix `prefix`."""
-    return f"{prefix}/{name}" if prefix else name
-
-
-def read_config(store: ObjectStore, prefix: str) -> tuple[ModelConfig, dict[str, Any]]:
-    """(ModelConfig, provenance info) of a checkpoint."""
-    try:
-        data = store.get(location_key(prefix, CONFIG))
-    except ObjectNotFoundError:
-        raise ModelLoadError(f"no crop model at {store.uri(prefix)} (missing {CONFIG})") from None
-    return config_from_json(data, store.uri(location_key(prefix, CONFIG)))

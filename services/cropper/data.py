@@ -16,9 +16,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from services.cropper.config import ModelConfig
-from services.cropper.inputs import Neighbors, PhotoArrays, batch_arrays, photo_arrays
+from services.cropper.inputs import PhotoArrays, batch_arrays, photo_arrays
 from services.cropper.model import CropInputs
-from shared.boxes import xyxy_to_cxcywh
+from services.retriever.neighbors import Neighbors
+from shared.boxes import flip_xyxy, xyxy_to_cxcywh
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class CropDataset(Dataset):
                 image, crops = random_window(image, crops, rng)
             if rng.random() < self.augment.flip_prob:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                crops = flip_boxes(crops)
+                crops = flip_xyxy(crops)
                 neighbors = neighbors.flipped() if neighbors is not None else None
         targets = torch.from_numpy(xyxy_to_cxcywh(crops).astype(np.float32))
         return Sample(
@@ -123,10 +124,3 @@ def random_window(
     scale = np.tile(window[2:] - window[:2], 2)
     inside = np.clip((crops - np.tile(window[:2], 2)) / scale, 0.0, 1.0)
     return image.crop(px), inside
-
-
-def flip_boxes(boxes: np.ndarray) -> np.ndarray:
-    """Mirror normalized xyxy boxes left-right."""
-    out = boxes.copy()
-    out[:, 0], out[:, 2] = 1 - boxes[:, 2], 1 - boxes[:, 0]
-    return out

@@ -21,11 +21,12 @@ import numpy as np
 
 from services.cropper.config import ModelConfig
 from services.cropper.data import TrainPhoto
-from services.cropper.inputs import Neighbors, neighbors_from, work_side, working_copy
+from services.cropper.inputs import work_side, working_copy
+from services.retriever.neighbors import Neighbors, neighbors_from
 from services.retriever.sources import PhotoRef
 from shared.annotations import AnnotatedPhoto, fixed_split, load_annotations
 from shared.errors import ProCropError
-from shared.images import content_hash, decode_image, read_bytes
+from shared.images import IMAGE_SUFFIXES, content_hash, decode_image, read_bytes
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _drop_repeated_files(names: list[str], root: Path) -> list[str]:
     """Names whose file bytes are unique within the image folder."""
     by_hash: dict[str, list[str]] = defaultdict(list)
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             by_hash[content_hash(path.read_bytes())].append(path.relative_to(root).as_posix())
     repeated = {n for group in by_hash.values() if len(group) > 1 for n in group}
     kept = [n for n in names if n not in repeated]

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.cropper.inputs import rank_proposals
 from services.cropper.loss import SetCriterion
 from services.cropper.model import CropInputs
+from services.cropper.runtime import rank_proposals
 from shared.boxes import cxcywh_to_xyxy
 from shared.metrics import best_iou_and_disp
 

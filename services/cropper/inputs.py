@@ -2,8 +2,8 @@
 
 A photo is first brought to a working copy (longest side `WORK_SIDE`); the model sees it resized
 to `input_size` squared, its log aspect ratio, the weight-free cue tokens (lite backbone) and the
-K retrieved neighbours (composition tokens + crops). Boxes here are normalized; neighbour crops
-arrive as xyxy and leave as cxcywh, the model's convention.
+K retrieved neighbours (composition tokens + crops, `services.retriever.neighbors`). Boxes here
+are normalized; neighbour crops arrive as xyxy and leave as cxcywh, the model's convention.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from PIL import Image
 
 from services.cropper.config import ModelConfig
 from services.embedder.lite import describe
-from shared.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
+from services.retriever.neighbors import Neighbors
+from shared.boxes import xyxy_to_cxcywh
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
@@ -36,42 +37,6 @@ def working_copy(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
         return image
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-
-
-@dataclass(frozen=True)
-class Neighbors:
-    """The K retrieved photos of one query.
-
-    tokens: (K, 64, T) float32 composition tokens; crops: (K, 4) normalized xyxy crops (zeros where
-    a neighbour has none); has_crop: (K,) bool.
-    """
-
-    tokens: np.ndarray
-    crops: np.ndarray
-    has_crop: np.ndarray
-
-    def flipped(self) -> Neighbors:
-        """Mirror image left-right: token grid columns reversed, crops mirrored."""
-        k, n, t = self.tokens.shape
-        side = round(n**0.5)
-        tokens = self.tokens.reshape(k, side, side, t)[:, :, ::-1].reshape(k, n, t)
-        crops = self.crops.copy()
-        crops[:, [0, 2]] = np.where(self.has_crop[:, None], 1 - self.crops[:, [2, 0]], 0)
-        return Neighbors(np.ascontiguousarray(tokens), crops, self.has_crop)
-
-
-def neighbors_from(tokens: np.ndarray, crops: list[list[float] | None], k: int) -> Neighbors:
-    """Pad or cut to exactly `k` neighbours (padding: zero tokens, no crop)."""
-    tokens = np.asarray(tokens, np.float32)[:k]
-    boxes = np.zeros((k, 4), np.float32)
-    has = np.zeros(k, bool)
-    for i, crop in enumerate(crops[:k]):
-        if crop is not None:
-            boxes[i], has[i] = crop, True
-    if len(tokens) < k:
-        pad = np.zeros((k - len(tokens), *tokens.shape[1:]), np.float32)
-        tokens = np.concatenate([tokens, pad]) if len(tokens) else pad
-    return Neighbors(tokens, boxes, has)
 
 
 @dataclass(frozen=True)
@@ -131,12 +96,3 @@ def _pad_text(text: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         mask[i, : len(t)] = np.abs(t).sum(1) > 0
         mask[i, 0] = True  # the first token ([CLS] / [ENC]) is always real
     return out, mask
-
-
-def rank_proposals(logits: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw model output -> proposals best first: scores (B, Q) in (0, 1), boxes (B, Q, 4)
-    normalized xyxy clipped to the photo. `boxes` are the model's (B, Q, 4) cxcywh."""
-    scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    order = np.argsort(-scores, axis=1, kind="stable")
-    xyxy = np.clip(cxcywh_to_xyxy(boxes.astype(np.float64)), 0.0, 1.0)
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(xyxy, order[..., None], 1)

@@ -1,5 +1,8 @@
 """Turn the cropper's raw proposals into what users get: diverse crops at a requested ratio.
 
+    request = CropRequest.parse(n=5, aspect_ratios=["16:9"])   # checked once, at the edge
+    result = select_crops(scores, boxes, width, height, request)
+
 Pure numpy (no torch). Boxes are pixel (x1, y1, x2, y2) of a `width` x `height` photo, as at
 every edge of the system (see `shared.boxes`); the pixel boxes may be float.
 """
@@ -7,12 +10,15 @@ every edge of the system (see `shared.boxes`); the pixel boxes may be float.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from shared.boxes import box_iou, xyxy_to_cxcywh
-from shared.crop_request import AspectRatio, parse_aspect_ratio
+from shared.boxes import box_iou, denormalize_xyxy, xyxy_to_cxcywh
+from shared.crop_request import AspectRatio, check_crop_request, parse_aspect_ratio
 
 __all__ = ["AspectRatio", "parse_aspect_ratio"]  # re-exported: the cropper's callers use them
 
@@ -156,3 +162,79 @@ def round_to_pixels(
     x1 = min(max(round(cx - w_int / 2), 0), width - w_int)
     y1 = min(max(round(cy - h_int / 2), 0), height - h_int)
     return np.array([x1, y1, x1 + w_int, y1 + h_int], np.int64)
+
+
+@dataclass(frozen=True)
+class CropRequest:
+    """What a caller asks for: `n` crops per photo, or `n` per ratio with `ratios`."""
+
+    n: int = 5
+    ratios: tuple[tuple[str, AspectRatio], ...] = ()  # ("16:9", parsed ratio), ...
+
+    @classmethod
+    def parse(cls, n: int = 5, aspect_ratios: Sequence[str] = ()) -> CropRequest:
+        """Check `n` and parse the "W:H" ratios; ValueError names what is wrong."""
+        check_crop_request(n, aspect_ratios)
+        return cls(n, tuple((t.replace(" ", ""), parse_aspect_ratio(t)) for t in aspect_ratios))
+
+
+@dataclass(frozen=True)
+class Crop:
+    box: tuple[int, int, int, int]  # pixel xyxy in the original photo
+    score: float  # aesthetic score in (0, 1)
+    aspect_ratio: str | None  # the requested "W:H" this crop has exactly, or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "box": list(self.box),
+            "score": round(self.score, 4),
+            "aspect_ratio": self.aspect_ratio,
+        }
+
+
+@dataclass(frozen=True)
+class CropResult:
+    width: int
+    height: int
+    crops: list[Crop]  # best first
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "crops": [c.to_dict() for c in self.crops],
+        }
+
+
+def select_crops(
+    scores: np.ndarray, boxes_norm: np.ndarray, width: int, height: int, request: CropRequest
+) -> CropResult:
+    """Ranked proposals, scores (Q,) and normalized xyxy (Q, 4) -> the crops users get (pixel
+    xyxy inside the photo)."""
+    boxes = denormalize_xyxy(boxes_norm.astype(np.float64), width, height)
+    boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1e-3)  # never empty
+    boxes[:, 2] = np.minimum(boxes[:, 2], width)
+    boxes[:, 3] = np.minimum(boxes[:, 3], height)
+    boxes[:, :2] = np.minimum(boxes[:, :2], boxes[:, 2:] - 1e-3)
+    if not request.ratios:
+        keep = suppress_near_duplicates(boxes, scores, max_keep=request.n)
+        return CropResult(
+            width, height, [_free_crop(boxes[i], scores[i], width, height) for i in keep]
+        )
+    crops = []
+    for label, ratio in request.ratios:
+        fitted = np.stack([fit_aspect_ratio(b, ratio, width, height) for b in boxes])
+        # The least-adjusted proposals rank first: score times the IoU of the fitted with the raw.
+        fitted_scores = scores * box_iou(fitted, boxes).diagonal()
+        for i in suppress_near_duplicates(fitted, fitted_scores, max_keep=request.n):
+            box = round_to_pixels(fitted[i], ratio, width, height)
+            crops.append(Crop(tuple(int(v) for v in box), float(fitted_scores[i]), label))  # type: ignore[arg-type]
+    crops.sort(key=lambda c: -c.score)
+    return CropResult(width, height, crops)
+
+
+def _free_crop(box: np.ndarray, score: float, width: int, height: int) -> Crop:
+    x1, y1 = int(np.floor(box[0] + 0.5)), int(np.floor(box[1] + 0.5))
+    x2 = min(max(int(np.floor(box[2] + 0.5)), x1 + 1), width)
+    y2 = min(max(int(np.floor(box[3] + 0.5)), y1 + 1), height)
+    return Crop((min(x1, x2 - 1), min(y1, y2 - 1), x2, y2), float(score), None)

@@ -13,12 +13,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from services.cropper.config import ModelConfig
-from services.cropper.inputs import rank_proposals
-from shared.errors import ModelLoadError
+from services.cropper.config import ModelConfig, config_from_json
+from shared.boxes import cxcywh_to_xyxy
+from shared.devices import cuda_visible
+from shared.errors import ModelLoadError, ProCropError
 
 ONNX_FILE = "model.onnx"
 OUTPUTS = ("pred_logits", "pred_boxes")
+
+
+def rank_proposals(logits: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw model output -> proposals best first: scores (B, Q) in (0, 1), boxes (B, Q, 4)
+    normalized xyxy clipped to the photo. `boxes` are the model's (B, Q, 4) cxcywh."""
+    scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    order = np.argsort(-scores, axis=1, kind="stable")
+    xyxy = np.clip(cxcywh_to_xyxy(boxes.astype(np.float64)), 0.0, 1.0)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(xyxy, order[..., None], 1)
 
 
 class Runner(Protocol):
@@ -134,3 +144,23 @@ def export_onnx(model: Any, path: str | Path, example: dict[str, np.ndarray]) ->
         expected = [t.numpy() for t in flat(*tensors)]
     got = OnnxRunner(path, model.config).session.run(list(OUTPUTS), {n: example[n] for n in names})
     return float(max(np.abs(a - b).max() for a, b in zip(got, expected, strict=True)))
+
+
+def build_runner(
+    location: str, runtime: str = "auto", device: str = "auto", settings: Any = None
+) -> Runner:
+    """The runner of the model at `location`: ONNX Runtime for a local bundle that has
+    `model.onnx` when the device is a CPU (`runtime` "auto" with no GPU visible, or "onnx"),
+    else torch on `device`. `settings` opens s3:// locations."""
+    onnx = Path(location) / ONNX_FILE if "://" not in location else None
+    if onnx is not None and onnx.is_file() and runtime != "torch" and device in ("auto", "cpu"):
+        config, _ = config_from_json((Path(location) / "config.json").read_bytes(), location)
+        if runtime == "onnx" or not cuda_visible():
+            return OnnxRunner(onnx, config)
+    if runtime == "onnx":
+        raise ProCropError(f"{location} has no {ONNX_FILE}; use PROCROP_CROP__RUNTIME=torch")
+    from services.cropper.checkpoint import load_checkpoint, open_location
+    from shared.devices import resolve_device
+
+    crop_model, _ = load_checkpoint(*open_location(location, settings))
+    return TorchRunner(crop_model, resolve_device(device))

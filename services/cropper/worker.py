@@ -16,9 +16,9 @@ from typing import Any
 
 from celery import Task
 
-from services.cropper.inputs import Neighbors
-from services.cropper.predictor import crops_for, model_arrays, model_location, run_model
-from services.cropper.runtime import Runner
+from services.cropper.postprocess import CropRequest
+from services.cropper.predictor import CropPredictor, build_predictor
+from services.retriever.neighbors import Neighbors
 from shared.images import decode_image
 from shared.queue import CROP, worker_app
 from shared.settings import get_settings
@@ -29,38 +29,25 @@ app = worker_app()
 
 
 @functools.cache
-def runner() -> Runner:
+def predictor() -> CropPredictor:
     """The crop model of this worker process, loaded on first use."""
-    from services.cropper.predictor import build_runner
-
     settings = get_settings()
-    return build_runner(settings, model_location(settings, settings.profile))
+    return build_predictor(settings, settings.profile, precomputed=True)
 
 
 def crop_photo(message: dict[str, Any]) -> dict[str, Any]:
     """Chain message (keys of the photo, features and neighbours; n, aspect_ratios) -> result."""
-    model, store = runner(), object_store()
-    config = model.config
+    model, store = predictor(), object_store()
+    request = CropRequest.parse(message["n"], message["aspect_ratios"])
     image_key = message["image_key"]
     image = decode_image(store.get(image_key), image_key, get_settings().max_image_pixels)
     features, _ = get_arrays(message["features_key"])
     neighbors = None
-    if config.use_retrieval:
-        if not message.get("neighbors_key"):
-            raise ValueError("this crop model retrieves compositions, but none were retrieved")
+    if model.config.use_retrieval and message.get("neighbors_key"):
         found, _ = get_arrays(message["neighbors_key"])  # already padded to K by the retriever
-        neighbors = [Neighbors(found["tokens"], found["crops"], found["has_crop"])]
-    text = None
-    if config.use_text:
-        if "text" not in features:
-            raise ValueError(
-                "this crop model reads BLIP text: run the embed worker with PROCROP_PROFILE=paper"
-            )
-        text = [features["text"]]
-    arrays = model_arrays(image, config, features["tokens"])
-    proposals = run_model(model, [arrays], neighbors, text)
-    [result] = crops_for(proposals, [image.size], message["n"], message["aspect_ratios"])
-    return result.to_dict()
+        neighbors = Neighbors(found["tokens"], found["crops"], found["has_crop"])
+    text = features.get("text")
+    return model.crop_precomputed(image, features["tokens"], neighbors, text, request).to_dict()
 
 
 def write_result(message: dict[str, Any]) -> str:
@@ -79,7 +66,7 @@ def crop(task: Task, message: dict[str, Any]) -> str:
     return key
 
 
-load_after_fork(runner)
+load_after_fork(predictor)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from shared.devices import resolve_device
-from shared.errors import ModelLoadError, SettingsError
+from shared.errors import ModelLoadError, SettingsError, one_line
 from shared.settings import EmbedderSettings
 
 logger = logging.getLogger(__name__)
@@ -122,8 +122,7 @@ def _read_pretrained(
 
 def _load_error(source: str, exc: Exception) -> ModelLoadError:
     """A one-line `ModelLoadError` from a transformers / huggingface_hub failure."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ModelLoadError(f"cannot load BLIP model from {source}: {first}")
+    return ModelLoadError(f"cannot load BLIP model from {source}: {one_line(exc)}")
 
 
 def _resolve_source(name_or_path: str | Path) -> tuple[str, bool]:

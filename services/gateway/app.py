@@ -25,7 +25,7 @@ from services.gateway.metrics import RequestMetrics
 from services.gateway.routes import collections, crops, health, jobs
 from services.gateway.schemas import first_error
 from services.gateway.uploads import BodyLimit
-from shared.errors import SettingsError, StorageError, VectorIndexError
+from shared.errors import SettingsError, StorageError, VectorIndexError, one_line
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
         """S3, Milvus or Redis (job records, the broker) failing: 503, with what failed."""
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = one_line(exc)
         log.warning("dependency failed: %s", reason)
         return JSONResponse({"detail": f"service unavailable: {reason}"}, 503)
 

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from services.embedder.base import CompositionEncoder
+from shared.boxes import median_box
 from shared.vector_index import Neighbor, VectorIndex
 
 
@@ -74,5 +75,4 @@ def median_crop(neighbors: Sequence[Neighbor]) -> np.ndarray | None:
     Returns:
         (4,) normalized xyxy, or None when no neighbour has an annotation.
     """
-    crops = [n.crops_norm[0] for n in neighbors if n.crops_norm]
-    return np.median(np.asarray(crops, np.float64), axis=0) if crops else None
+    return median_box(np.asarray([n.crops_norm[0] for n in neighbors if n.crops_norm]))

@@ -24,11 +24,10 @@ from typing import Any
 
 from celery import Task, group
 
-from services.cropper.config import ModelConfig, open_location, read_config
-from services.cropper.predictor import model_location
-from services.cropper.retrieval import MilvusRetrieval
+from services.retriever.neighbors import MilvusRetrieval
 from services.retriever.search import Retriever
 from services.retriever.token_store import TokenStore
+from shared.checkpoints import ModelCard, model_location, read_model_card
 from shared.errors import ProCropError
 from shared.queue import INDEX_BATCH, INDEX_PLAN, RETRIEVE, worker_app
 from shared.settings import get_settings
@@ -54,14 +53,14 @@ def vector_index() -> VectorIndex:
 
 
 @functools.cache
-def crop_model() -> tuple[ModelConfig, str]:
-    """The crop model's config and the collection its neighbours come from."""
+def crop_model() -> tuple[ModelCard, str]:
+    """What the crop model asks for (K neighbours, or none) and the collection they come from."""
     settings = get_settings()
     location = model_location(settings, settings.profile)
-    config, _ = read_config(*open_location(location, settings))
+    config = read_model_card(location, settings)
     collection = settings.crop.collection
     if collection is None and config.use_retrieval:
-        from services.cropper.bundle import install_bundle
+        from services.retriever.bundle_index import install_bundle
 
         if "://" in location:
             raise ProCropError(f"{location}: set PROCROP_CROP__COLLECTION for a model in S3")

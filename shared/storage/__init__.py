@@ -12,11 +12,15 @@ Key layout (one bucket, default `procrop`; see `shared/storage/keys.py`):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from shared.errors import StorageError
-from shared.settings import Settings
 from shared.storage.base import ObjectStore, check_key
 from shared.storage.local import LocalObjectStore
-from shared.storage.s3 import S3ObjectStore
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+    from shared.storage.s3 import S3ObjectStore
 
 __all__ = [
     "LocalObjectStore",
@@ -26,6 +30,15 @@ __all__ = [
     "check_key",
     "parse_s3_uri",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`S3ObjectStore` is imported on first use: the minio client costs start-up time."""
+    if name == "S3ObjectStore":
+        from shared.storage.s3 import S3ObjectStore
+
+        return S3ObjectStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -46,6 +59,8 @@ def build_object_store(
     if cfg.backend == "local":
         root = settings.storage_root if bucket is None else settings.storage_root.parent / bucket
         return LocalObjectStore(root)
+    from shared.storage.s3 import S3ObjectStore
+
     return S3ObjectStore(
         endpoint=cfg.endpoint,
         bucket=bucket or cfg.bucket,

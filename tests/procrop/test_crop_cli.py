@@ -222,7 +222,8 @@ def test_onnx_and_torch_runtimes_agree(bundle, photo_dir, monkeypatch):
 
 def test_milvus_collection_gives_same_crops_as_bundle_index(bundle, photo_dir):
     """The bundle's in-memory index and the same index installed in Milvus Lite agree."""
-    from services.cropper.bundle import install_bundle
+    from services.retriever.bundle_index import install_bundle
+
     from shared.settings import load_settings
     from shared.storage import build_object_store
     from shared.vector_index import open_index

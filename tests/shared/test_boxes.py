@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from shared.boxes import (
+    flip_xyxy,
+    median_box,
     box_area,
     box_iou,
     clip_xyxy,
@@ -146,3 +148,17 @@ def test_torch_gradients_flow_through_giou() -> None:
     (1 - generalized_box_iou(pred, target)).sum().backward()
     assert pred.grad is not None and torch.isfinite(pred.grad).all()
     assert (pred.grad[0, :2] < 0).all()  # moving x1, y1 toward the target lowers the loss
+
+
+def test_flip_xyxy_by_hand_and_twice_is_identity() -> None:
+    boxes = np.array([[0.1, 0.2, 0.4, 0.9], [0.0, 0.0, 1.0, 1.0]])
+    np.testing.assert_allclose(flip_xyxy(boxes), [[0.6, 0.2, 0.9, 0.9], [0.0, 0.0, 1.0, 1.0]])
+    crops = _random_xyxy(np.random.default_rng(1), (20,))
+    np.testing.assert_allclose(flip_xyxy(flip_xyxy(crops)), crops, atol=1e-12)
+    assert (flip_xyxy(crops)[:, 2] > flip_xyxy(crops)[:, 0]).all()
+
+
+def test_median_box_per_coordinate_and_empty() -> None:
+    boxes = np.array([[0.0, 0.1, 0.5, 0.9], [0.2, 0.0, 0.9, 0.8], [0.1, 0.3, 0.6, 1.0]])
+    np.testing.assert_allclose(median_box(boxes), [0.1, 0.1, 0.6, 0.9])
+    assert median_box(np.zeros((0, 4))) is None

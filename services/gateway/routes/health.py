@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from services.gateway.deps import Clients, ClientsDep
 from services.gateway.metrics import render_metrics
 from services.gateway.schemas import Health
+from shared.errors import one_line
 
 router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 5.0
@@ -54,7 +55,7 @@ async def _check(probe: Callable[[], Any]) -> str:
     except TimeoutError:
         return f"no answer in {CHECK_TIMEOUT_S:g} s"
     except Exception as exc:
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return one_line(exc)
     return "ok"
 
 

@@ -15,11 +15,11 @@ from services.cropper.data import (
     Sample,
     TrainPhoto,
     collate,
-    flip_boxes,
     random_window,
 )
-from services.cropper.inputs import Neighbors, neighbors_from, working_copy
-from shared.boxes import xyxy_to_cxcywh
+from services.cropper.inputs import working_copy
+from services.retriever.neighbors import neighbors_from
+from shared.boxes import flip_xyxy, xyxy_to_cxcywh
 
 
 def coordinate_image(width: int, height: int) -> Image.Image:
@@ -37,8 +37,7 @@ def random_crops(rng: np.random.Generator, count: int) -> np.ndarray:
 
 def grid_tokens(k: int, channels: int = 2) -> np.ndarray:
     """(k, 64, channels) tokens whose value is 100 * neighbour + 8 * row + column."""
-    cell = np.arange(64, dtype=np.float32)
-    values = cell[None] + 100 * np.arange(k, dtype=np.float32)[:, None]  # (k, 64)
+    values = np.arange(64, dtype=np.float32)[None] + 100 * np.arange(k, dtype=np.float32)[:, None]
     return np.repeat(values[..., None], channels, -1)
 
 
@@ -49,7 +48,7 @@ class Midpoint:
         return (low + high) / 2
 
 
-# --- random_window and flip_boxes -------------------------------------------------------------
+# --- random_window -------------------------------------------------------------
 
 
 def test_random_window_by_hand() -> None:
@@ -80,47 +79,6 @@ def test_random_window_always_contains_the_crops() -> None:
         assert ((inside >= 0) & (inside <= 1)).all()
         pixels = crops * [w, h, w, h] - [x0, y0, x0, y0]
         np.testing.assert_allclose(inside * [ww, wh, ww, wh], np.clip(pixels, 0, [ww, wh] * 2))
-
-
-def test_flip_boxes() -> None:
-    boxes = np.array([[0.1, 0.2, 0.4, 0.9], [0.0, 0.0, 1.0, 1.0]])
-    np.testing.assert_allclose(flip_boxes(boxes), [[0.6, 0.2, 0.9, 0.9], [0.0, 0.0, 1.0, 1.0]])
-    crops = random_crops(np.random.default_rng(1), 20)
-    np.testing.assert_allclose(flip_boxes(flip_boxes(crops)), crops, atol=1e-12)
-    assert (flip_boxes(crops)[:, 2] > flip_boxes(crops)[:, 0]).all()
-
-
-# --- neighbours -------------------------------------------------------------------------------
-
-
-def test_neighbors_flipped_mirrors_columns_and_crops() -> None:
-    crops = np.array([[0.1, 0.2, 0.5, 0.9], [0.0, 0.0, 0.0, 0.0]], np.float32)
-    neighbors = Neighbors(grid_tokens(2), crops, np.array([True, False]))
-    flipped = neighbors.flipped()
-    row, col = np.divmod(np.arange(64), 8)
-    mirrored = 8 * row + (7 - col)  # cell (row, col) now holds what was at (row, 7 - col)
-    np.testing.assert_array_equal(flipped.tokens[0, :, 0], mirrored)
-    np.testing.assert_array_equal(flipped.tokens[1, :, 1], 100 + mirrored)
-    np.testing.assert_allclose(flipped.crops, [[0.5, 0.2, 0.9, 0.9], [0, 0, 0, 0]], atol=1e-7)
-    np.testing.assert_array_equal(flipped.has_crop, [True, False])
-    twice = flipped.flipped()
-    np.testing.assert_array_equal(twice.tokens, neighbors.tokens)
-    np.testing.assert_allclose(twice.crops, neighbors.crops, atol=1e-7)
-    np.testing.assert_array_equal(neighbors.tokens, grid_tokens(2))  # the original is untouched
-
-
-def test_neighbors_from_pads_and_cuts_to_k() -> None:
-    tokens = grid_tokens(2)
-    padded = neighbors_from(tokens, [[0.1, 0.1, 0.5, 0.5], None], k=3)
-    assert padded.tokens.shape == (3, 64, 2) and padded.tokens.dtype == np.float32
-    assert not padded.tokens[2].any()
-    np.testing.assert_array_equal(padded.has_crop, [True, False, False])
-    np.testing.assert_allclose(padded.crops, [[0.1, 0.1, 0.5, 0.5], [0] * 4, [0] * 4])
-    cut = neighbors_from(grid_tokens(4), [None, [0, 0, 1, 1], None, [0, 0, 1, 1]], k=2)
-    np.testing.assert_array_equal(cut.tokens, grid_tokens(2))
-    np.testing.assert_array_equal(cut.has_crop, [False, True])
-    empty = neighbors_from(np.zeros((0, 64, 2)), [], k=2)
-    assert empty.tokens.shape == (2, 64, 2) and not empty.has_crop.any()
 
 
 def test_working_copy_bounds_the_long_side() -> None:
@@ -215,7 +173,7 @@ def test_mirrored_view_mirrors_everything() -> None:
     mirrored = CropDataset(photos, config, Augment(window_prob=0.0, flip_prob=1.0))
     for i, photo in enumerate(photos):
         a, b = plain[i], mirrored[i]
-        flipped_crops = xyxy_to_cxcywh(flip_boxes(photo.crops))
+        flipped_crops = xyxy_to_cxcywh(flip_xyxy(photo.crops))
         np.testing.assert_allclose(np.asarray(b.targets), flipped_crops, atol=1e-6)
         expected = photo.neighbors.flipped()  # type: ignore[union-attr]
         np.testing.assert_array_equal(b.neighbors.tokens, expected.tokens)  # type: ignore[union-attr]

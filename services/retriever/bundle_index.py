@@ -1,9 +1,10 @@
-"""A model bundle: a crop-model checkpoint plus the composition index of its training photos.
-
-The `lite` bundle ships in the repository (`procrop/models/lite/`), so `procrop crop` works on a
-fresh machine with no network. Files:
+"""The composition index inside a model bundle (a crop-model checkpoint plus the index of its
+training photos). The `lite` bundle ships in the package (`procrop/models/lite/`, found by
+`shared.checkpoints.shipped_bundle`), so `procrop crop` works on a fresh machine with no network.
+Files:
 
     model.safetensors, config.json     the checkpoint (see `services.cropper.checkpoint`)
+    model.onnx                         the same weights for ONNX Runtime (`services.cropper.runtime`)
     index.safetensors                  vectors (n, 256) f32, tokens (n, 64, T) f16, crops (n, 4) f32
                                        normalized xyxy, sizes (n, 2) i32; metadata: collection name,
                                        encoder spec, photo hashes and names (JSON)
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from safetensors.numpy import save_file
 
+from shared.checkpoints import INDEX_FILE
 from shared.errors import ModelLoadError
 from shared.vector_index import IndexedPhoto
 
@@ -32,8 +34,7 @@ if TYPE_CHECKING:  # the crop path reads bundles without the storage clients (st
     from shared.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
-INDEX_FILE = "index.safetensors"
-LITE_BUNDLE = Path(__file__).resolve().parents[2] / "procrop" / "models" / "lite"
+__all__ = ["INDEX_FILE", "export_index", "install_bundle", "read_index"]
 SHARD_ROWS = 512
 
 

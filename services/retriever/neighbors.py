@@ -1,5 +1,6 @@
-"""Where a photo's K neighbours come from, for the crop model: a Milvus collection (with tokens in
-the object store), or the composition index inside a model bundle, searched in memory.
+"""A query's K neighbours, as the crop model reads them, and the two places they come from: a
+Milvus collection (tokens in the object store), or a model bundle's composition index searched in
+memory.
 
 Both answer `neighbors(vectors, hashes)` with exact inner-product top-K, a photo never being its
 own neighbour. The in-memory search serves the CLI's shipped bundle: with ~1K photos, a numpy
@@ -10,13 +11,60 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from services.cropper.inputs import Neighbors, neighbors_from
+from shared.boxes import flip_xyxy, median_box
 from shared.errors import ModelLoadError, ProCropError
+
+if TYPE_CHECKING:
+    from services.retriever.search import Retriever
+    from services.retriever.token_store import TokenStore
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """The K retrieved photos of one query.
+
+    tokens: (K, 64, T) float32 composition tokens; crops: (K, 4) normalized xyxy crops (zeros where
+    a neighbour has none); has_crop: (K,) bool.
+    """
+
+    tokens: np.ndarray
+    crops: np.ndarray
+    has_crop: np.ndarray
+
+    def flipped(self) -> Neighbors:
+        """Mirror image left-right: token grid columns reversed, crops mirrored."""
+        k, n, t = self.tokens.shape
+        side = round(n**0.5)
+        tokens = self.tokens.reshape(k, side, side, t)[:, :, ::-1].reshape(k, n, t)
+        crops = np.where(self.has_crop[:, None], flip_xyxy(self.crops), self.crops)
+        return Neighbors(
+            np.ascontiguousarray(tokens), crops.astype(self.crops.dtype), self.has_crop
+        )
+
+    def median_crop(self) -> np.ndarray | None:
+        """kNN crop transfer: the per-coordinate median of the neighbours' crops (normalized
+        xyxy), or None when none has a crop."""
+        return median_box(self.crops[self.has_crop])
+
+
+def neighbors_from(tokens: np.ndarray, crops: list[list[float] | None], k: int) -> Neighbors:
+    """Pad or cut to exactly `k` neighbours (padding: zero tokens, no crop)."""
+    tokens = np.asarray(tokens, np.float32)[:k]
+    boxes = np.zeros((k, 4), np.float32)
+    has = np.zeros(k, bool)
+    for i, crop in enumerate(crops[:k]):
+        if crop is not None:
+            boxes[i], has[i] = crop, True
+    if len(tokens) < k:
+        pad = np.zeros((k - len(tokens), *tokens.shape[1:]), np.float32)
+        tokens = np.concatenate([tokens, pad]) if len(tokens) else pad
+    return Neighbors(tokens, boxes, has)
 
 
 class Retrieval(Protocol):
@@ -28,10 +76,10 @@ class Retrieval(Protocol):
 
 
 class BundleRetrieval:
-    """Exact search over a bundle's `index.safetensors` (see `services.cropper.bundle`)."""
+    """Exact search over a bundle's `index.safetensors` (see `services.retriever.bundle_index`)."""
 
     def __init__(self, path: str | Path, k: int, encoder_spec: dict | None = None) -> None:
-        from services.cropper.bundle import read_index
+        from services.retriever.bundle_index import read_index
 
         arrays, meta = read_index(Path(path))
         self.k = k
@@ -60,16 +108,16 @@ class BundleRetrieval:
 class MilvusRetrieval:
     """Search a collection of the vector index; tokens from its shards in the object store."""
 
-    def __init__(self, retriever: object, tokens: object, k: int) -> None:
+    def __init__(self, retriever: Retriever, tokens: TokenStore, k: int) -> None:
         self.retriever, self.tokens, self.k = retriever, tokens, k
 
     def neighbors(self, vectors: np.ndarray, hashes: Sequence[str | None]) -> list[Neighbors]:
-        rows = self.retriever.search_vectors(vectors, list(hashes), self.k)  # type: ignore[attr-defined]
+        rows = self.retriever.search_vectors(vectors, list(hashes), self.k)
         out = []
         for row in rows:
             if not row:
                 raise ProCropError("the composition index returned no neighbours (is it empty?)")
-            grids = self.tokens.read_many([(n.tokens_key, n.token_row) for n in row])  # type: ignore[attr-defined]
+            grids = self.tokens.read_many([(n.tokens_key, n.token_row) for n in row])
             crops = [n.crops_norm[0] if n.crops_norm else None for n in row]
             out.append(neighbors_from(grids, crops, self.k))
         return out

@@ -1,0 +1,1 @@
+"""Model bundles shipped inside the procrop package (found with `importlib.resources`)."""

@@ -1,0 +1,73 @@
+"""Runners: ONNX Runtime for a bundle on a CPU, torch otherwise, and the same proposals from both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.cropper.checkpoint import save_checkpoint
+from services.cropper.config import profile_config
+from services.cropper.model import build_model
+from services.cropper.runtime import (
+    ONNX_FILE,
+    OnnxRunner,
+    TorchRunner,
+    build_runner,
+    example_arrays,
+    export_onnx,
+    rank_proposals,
+)
+from shared.errors import ModelLoadError, ProCropError
+from shared.storage import LocalObjectStore
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A checkpoint folder with its ONNX export (a tiny random lite model)."""
+    folder = tmp_path_factory.mktemp("bundle")
+    config = profile_config("lite", hidden_dim=32, num_heads=2, ffn_dim=64, k=3, num_queries=6)
+    model = build_model(config).eval()
+    save_checkpoint(LocalObjectStore(folder), "", model)
+    assert export_onnx(model, folder / ONNX_FILE, example_arrays(config)) < 1e-4
+    return folder
+
+
+def test_rank_proposals_sorts_and_clips() -> None:
+    logits = np.array([[0.0, 3.0, -2.0]])
+    boxes = np.array([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 1.4, 1.0], [0.1, 0.1, 0.4, 0.4]]])
+    scores, xyxy = rank_proposals(logits, boxes)
+    assert np.all(np.diff(scores[0]) <= 0)
+    np.testing.assert_allclose(xyxy[0, 0], [0.0, 0.0, 1.0, 1.0])  # the best box, clipped
+    np.testing.assert_allclose(xyxy[0, 2], [0.0, 0.0, 0.3, 0.3])
+
+
+def test_auto_picks_onnx_on_a_cpu_and_torch_on_request(bundle: Path) -> None:
+    onnx = build_runner(str(bundle))
+    torch_runner = build_runner(str(bundle), runtime="torch")
+    assert isinstance(onnx, OnnxRunner) and isinstance(torch_runner, TorchRunner)
+    arrays = example_arrays(onnx.config, batch=3, seed=4)
+    (s1, b1), (s2, b2) = onnx(arrays), torch_runner(arrays)
+    np.testing.assert_allclose(s1, s2, atol=1e-4)
+    np.testing.assert_allclose(b1, b2, atol=1e-4)
+
+
+def test_onnx_without_an_export_is_an_error(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_bytes((bundle / "config.json").read_bytes())
+    (tmp_path / "model.safetensors").write_bytes((bundle / "model.safetensors").read_bytes())
+    with pytest.raises(ProCropError, match="has no model.onnx"):
+        build_runner(str(tmp_path), runtime="onnx")
+    assert isinstance(build_runner(str(tmp_path)), TorchRunner)
+
+
+def test_onnx_graph_of_another_config_is_refused(bundle: Path) -> None:
+    other = profile_config("lite", hidden_dim=32, num_heads=2, ffn_dim=64, k=3, num_queries=9)
+    with pytest.raises(ModelLoadError, match="does not match the model config"):
+        OnnxRunner(bundle / ONNX_FILE, other)
+
+
+def test_unreadable_onnx_file(tmp_path: Path, bundle: Path) -> None:
+    (tmp_path / ONNX_FILE).write_bytes(b"not a graph")
+    with pytest.raises(ModelLoadError, match="unreadable ONNX model"):
+        OnnxRunner(tmp_path / ONNX_FILE, build_runner(str(bundle)).config)
