@@ -83,9 +83,9 @@ def _open(settings: Settings) -> tuple[Any, Any]:
 @click.option("--collection", "-c", required=True, help="Collection to create or extend.")
 @click.option(
     "--encoder",
-    type=click.Choice(["lite", "sam"]),
+    type=click.Choice(["effnet", "lite", "sam"]),
     default=None,
-    help="Composition encoder [default: PROCROP_EMBEDDER__ENCODER, else lite].",
+    help="Composition encoder [default: PROCROP_EMBEDDER__ENCODER, else effnet].",
 )
 @click.option(
     "--annotations",

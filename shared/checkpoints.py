@@ -94,6 +94,7 @@ class ModelCard:
 
     location: str
     profile: str
+    encoder: str  # the composition encoder its retrieval (and, for some, its backbone) reads
     k: int
     use_retrieval: bool
 
@@ -102,8 +103,8 @@ def read_model_card(location: str, settings: Settings | None = None) -> ModelCar
     """The `ModelCard` of the crop model at `location`."""
     model, _ = read_config_json(*open_location(location, settings))
     try:
-        return ModelCard(
-            location, str(model["profile"]), int(model["k"]), bool(model["use_retrieval"])
-        )
+        profile = str(model["profile"])
+        encoder = str(model.get("encoder", "sam" if profile == "paper" else "lite"))
+        return ModelCard(location, profile, encoder, int(model["k"]), bool(model["use_retrieval"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{location}: config.json lacks {exc}") from None

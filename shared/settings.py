@@ -73,7 +73,8 @@ class MilvusSettings(BaseModel):
 class EmbedderSettings(BaseModel):
     """Composition encoders (services/embedder)."""
 
-    encoder: Literal["lite", "sam"] = "lite"
+    encoder: Literal["lite", "effnet", "sam"] = "effnet"  # `procrop index`'s; models name their own
+    runtime: Literal["auto", "onnx", "torch"] = "auto"  # effnet: ONNX Runtime on a CPU
     sam_variant: Literal["vit_b", "vit_l", "vit_h", "vit_tiny"] = "vit_b"  # vit_tiny: tests
     sam_checkpoint: str | None = None  # path of a local SAM .pth checkpoint
     blip_model: str = (

@@ -3,6 +3,8 @@
 - `lite`: a small CNN trained from scratch (stride 16, about 0.7 M parameters), whose output is
   joined with the weight-free cue maps of the `lite` composition descriptor (saliency, focus,
   edges, tone on the 8 x 8 grid), so the model starts from cues it does not have to learn.
+- `features`: the composition encoder's own (64, C) feature cells (the frozen ImageNet
+  EfficientNet-Lite0 of `services/embedder/pretrained.py`), reshaped to the 8 x 8 grid.
 - `resnet50` / `resnet18` / `resnet_tiny`: torchvision ResNets up to layer4 (stride 32) with frozen
   batch norm, as in DETR. `backbone_weights` is a local file (a torchvision state dict, `.pth` or
   `.safetensors`), "imagenet" (torchvision's weights, when the machine can load them), or None.
@@ -73,6 +75,25 @@ class LiteBackbone(nn.Module):
         return torch.cat([x, grid], dim=1)
 
 
+class FeatureBackbone(nn.Module):
+    """The composition encoder's own feature cells as the image features: (B, 64, C) -> (B, C, 8, 8).
+
+    With a frozen pretrained encoder (`effnet`: ImageNet EfficientNet-Lite0) the network runs once
+    per photo, for retrieval and for the crop model alike, and training views are encoded once
+    (`services.cropper.views`), so the crop model trains on a CPU in minutes."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.num_channels = channels
+
+    def forward(
+        self, images: torch.Tensor | None, cues: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if cues is None:
+            raise ValueError("the features backbone needs each photo's feature cells (`cues`)")
+        return cues.transpose(1, 2).unflatten(2, (GRID, GRID))
+
+
 class ResNetBackbone(nn.Module):
     """torchvision ResNet body with frozen batch norm: (B, 3, S, S) -> (B, C, S/32, S/32)."""
 
@@ -136,10 +157,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"cannot read backbone weights {path}: {exc}") from None
 
 
-def build_backbone(config: ModelConfig, load_weights: bool = True) -> LiteBackbone | ResNetBackbone:
+def build_backbone(
+    config: ModelConfig, load_weights: bool = True
+) -> LiteBackbone | FeatureBackbone | ResNetBackbone:
     """The backbone named by `config`; weights are loaded only when `load_weights` (training)."""
     if config.backbone == "lite":
         return LiteBackbone(cue_channels=config.cue_channels)
+    if config.backbone == "features":
+        return FeatureBackbone(config.cue_channels)
     body = _resnet(config.backbone)
     if load_weights and config.backbone_weights:
         load_resnet_weights(body, config.backbone, config.backbone_weights)

@@ -13,7 +13,7 @@ from typing import Any
 from shared.checkpoints import CHECKPOINT_FORMAT, parse_config
 from shared.errors import ModelLoadError, ProCropError
 
-BACKBONES = ("lite", "resnet50", "resnet18", "resnet_tiny")
+BACKBONES = ("lite", "features", "resnet50", "resnet18", "resnet_tiny")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class ModelConfig:
     """Shape of a ProCrop model. Defaults are the `lite` profile (CPU, trained from scratch)."""
 
     profile: str = "lite"
-    backbone: str = "lite"  # one of BACKBONES
+    encoder: str = "lite"  # composition encoder of its retrieval (services/embedder/registry.py)
+    backbone: str = "lite"  # one of BACKBONES; "features": the encoder's own feature cells
     backbone_weights: str | None = None  # ResNet: a .pth/.safetensors path, "imagenet" or None
     input_size: int = 128  # photos are resized to input_size x input_size (aspect fed separately)
     hidden_dim: int = 128  # d_model of the encoder, fusion and decoder
@@ -37,13 +38,15 @@ class ModelConfig:
     use_annotations: bool = True  # neighbours' crops as extra tokens and anchors (paper Table 5)
     use_text: bool = False  # f_M branch (BLIP multimodal embedding)
     text_dim: int = 768  # width of BLIP's multimodal tokens
-    cue_channels: int = (
-        16  # lite backbone: weight-free cue maps joined to the CNN features (0 = off)
-    )
+    # lite backbone: weight-free cue maps joined to the CNN features (0 = off); "features"
+    # backbone: the width of the encoder's feature cells, which are the image features
+    cue_channels: int = 16
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ProCropError(f"unknown backbone {self.backbone!r}: one of {', '.join(BACKBONES)}")
+        if self.backbone == "features" and not self.cue_channels:
+            raise ProCropError("the features backbone needs cue_channels (the feature width)")
         if self.hidden_dim % self.num_heads:
             raise ProCropError("hidden_dim must be a multiple of num_heads")
         for name in ("input_size", "num_queries", "k", "token_dim", "dec_layers"):
@@ -64,6 +67,8 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ProCropError(f"unknown model config keys: {', '.join(unknown)}")
+        if "encoder" not in data:  # written before models named their encoder
+            data = {**data, "encoder": "sam" if data.get("profile") == "paper" else "lite"}
         return cls(**data)
 
 
@@ -106,14 +111,19 @@ def model_config(
 
 PROFILES: dict[str, ModelConfig] = {
     "lite": ModelConfig(),
+    # The lite profile on the pretrained encoder: frozen ImageNet EfficientNet-Lite0 cells (64, 1280)
+    # as image features, its 32-d tokens for the neighbours (configs/lite.toml).
+    "lite-effnet": ModelConfig(
+        encoder="effnet", backbone="features", cue_channels=1280, token_dim=32,
+    ),
     "paper": ModelConfig(
-        profile="paper", backbone="resnet50", backbone_weights="imagenet", input_size=512,
+        profile="paper", encoder="sam", backbone="resnet50", backbone_weights="imagenet", input_size=512,
         hidden_dim=256, num_heads=8, enc_layers=6, dec_layers=6, ffn_dim=2048, num_queries=90,
         token_dim=256, use_text=True, cue_channels=0,
     ),
     # The paper's architecture at toy size, for tests: ResNet blocks, SAM-like tokens, BLIP text.
     "tiny": ModelConfig(
-        profile="paper", backbone="resnet_tiny", input_size=64, hidden_dim=32, num_heads=2,
+        profile="paper", encoder="sam", backbone="resnet_tiny", input_size=64, hidden_dim=32, num_heads=2,
         enc_layers=1, dec_layers=2, ffn_dim=64, num_queries=8, k=3, token_dim=32, use_text=True,
         text_dim=32, cue_channels=0, dropout=0.0,
     ),

@@ -9,6 +9,7 @@ cxcywh, the model's convention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,8 +62,12 @@ class CropDataset(Dataset):
         config: ModelConfig,
         augment: Augment | None = None,
         seed: int = 0,
+        views: Any = None,
     ) -> None:
+        """`views`: a `services.cropper.views.ViewCache` of these photos (features backbone): a
+        sample is then one of its encoded views (view 0 without `augment`)."""
         self.photos, self.config, self.augment, self.seed = photos, config, augment, seed
+        self.views = views
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -72,6 +77,8 @@ class CropDataset(Dataset):
         return len(self.photos)
 
     def __getitem__(self, index: int) -> Sample:
+        if self.views is not None:
+            return self._encoded_view(index)
         photo = self.photos[index]
         image, crops, neighbors = photo.image, photo.crops, photo.neighbors
         if self.augment is not None:
@@ -88,6 +95,24 @@ class CropDataset(Dataset):
             neighbors if self.config.use_retrieval else None,
             photo.text if self.config.use_text else None,
             targets,
+            torch.from_numpy(photo.weights.astype(np.float32)),
+        )
+
+    def _encoded_view(self, index: int) -> Sample:
+        photo, views = self.photos[index], self.views
+        view = 0
+        if self.augment is not None:
+            view = int(np.random.default_rng((self.seed, self.epoch, index)).integers(views.count))
+        neighbors = photo.neighbors if self.config.use_retrieval else None
+        if neighbors is not None and views.flipped[index, view]:
+            neighbors = neighbors.flipped()
+        cells = views.features[index, view].astype(np.float32)
+        crops = views.crops[index][view]
+        return Sample(
+            PhotoArrays(None, float(views.aspect[index, view]), cells),
+            neighbors,
+            photo.text if self.config.use_text else None,
+            torch.from_numpy(xyxy_to_cxcywh(crops).astype(np.float32)),
             torch.from_numpy(photo.weights.astype(np.float32)),
         )
 

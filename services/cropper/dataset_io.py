@@ -40,7 +40,9 @@ class DataConfig:
     split: str = "train"  # train: all but the fixed validation split; all: no validation
     val_size: int = 200
     split_seed: int = 2026
-    encoder: str | None = None  # composition encoder (default: lite if token_dim is 16, else sam)
+    encoder: str | None = (
+        None  # composition encoder (default: the model's own, ModelConfig.encoder)
+    )
     collection: str = "crop_train"  # composition index of the training photos
     relations: str | None = None  # relations JSON (default: OUT/relations.json, made if missing)
     max_targets: int = 5  # graded datasets (GAICD): the best crops used as ground truths
@@ -67,7 +69,7 @@ def prepare(data: DataConfig, model: ModelConfig, settings: Settings, out: str) 
         fixed_split(names, data.val_size, data.split_seed) if data.split == "train" else (names, [])
     )
     refs = {n: PhotoRef(n, str(root / n), partial(read_bytes, root / n)) for n in names}
-    train_names = _drop_repeated_files(train_names, root)
+    train_names = drop_repeated_files(train_names, root)
     rel_path = data.relations or str(Path(out if "://" not in out else ".") / "relations.json")
     relations = None
     if model.use_retrieval:
@@ -85,7 +87,7 @@ def prepare(data: DataConfig, model: ModelConfig, settings: Settings, out: str) 
     return PreparedData(train, val, rel_path)
 
 
-def _drop_repeated_files(names: list[str], root: Path) -> list[str]:
+def drop_repeated_files(names: list[str], root: Path) -> list[str]:
     """Names whose file bytes are unique within the image folder."""
     by_hash: dict[str, list[str]] = defaultdict(list)
     for path in sorted(root.rglob("*")):
@@ -123,9 +125,7 @@ def ensure_relations(
         relations = read_relations(path)
         if wanted <= set(relations["photos"]) and relations["k"] >= model.k:
             return relations
-    encoder = build_encoder(
-        settings.embedder, data.encoder or ("lite" if model.token_dim == 16 else "sam")
-    )
+    encoder = build_encoder(settings.embedder, data.encoder or model.encoder)
     index, store = open_index(settings), build_object_store(settings)
     log.info("indexing %d training photos into %r", len(train_names), data.collection)
     ingestor = Ingestor(data.collection, encoder, index, store, labels, settings.max_image_pixels)

@@ -24,8 +24,13 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 WORK_SIDE = 256  # working copy: enough for a 128-pixel model input and the 8 x 8 cue grid
 
 
+FEATURES_WORK_SIDE = 512  # features backbone: windows of the copy still fill the encoder's 256 px
+
+
 def work_side(config: ModelConfig) -> int:
     """Longest side of the working copy for `config`: never below the model's input size."""
+    if config.backbone == "features":
+        return FEATURES_WORK_SIDE
     return max(WORK_SIDE, config.input_size)
 
 
@@ -43,7 +48,7 @@ def working_copy(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
 class PhotoArrays:
     """One photo as the model reads it (see `CropInputs` for shapes)."""
 
-    image: np.ndarray  # (3, S, S) float32, ImageNet-normalized
+    image: np.ndarray | None  # (3, S, S) float32, ImageNet-normalized (None: features backbone)
     aspect: float  # log(width / height)
     cues: np.ndarray | None  # (64, C) float32
 
@@ -52,14 +57,19 @@ def photo_arrays(
     image: Image.Image, config: ModelConfig, cues: np.ndarray | None = None
 ) -> PhotoArrays:
     """A working copy -> pixels, aspect and cue tokens for `config`; `cues` (64, C), when given,
-    are the photo's lite tokens already computed (by the retrieval encoder)."""
+    are the photo's lite tokens already computed (by the retrieval encoder), or, for the features
+    backbone, the encoder's feature cells (required: no pixels are read then)."""
+    aspect = float(np.log(image.width / image.height))
+    if config.backbone == "features":
+        if cues is None:
+            raise ValueError("the features backbone needs the photo's encoder feature cells")
+        return PhotoArrays(None, aspect, np.asarray(cues, np.float32))
     size = config.input_size
     resized = image.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(resized, np.float32).transpose(2, 0, 1) / 255.0  # (3, S, S)
     cue_tokens = None
     if config.cue_channels:
         cue_tokens = np.asarray(describe(image) if cues is None else cues, np.float32)
-    aspect = float(np.log(image.width / image.height))
     return PhotoArrays((pixels - IMAGENET_MEAN) / IMAGENET_STD, aspect, cue_tokens)
 
 
@@ -70,10 +80,9 @@ def batch_arrays(
 ) -> dict[str, np.ndarray]:
     """Stack photos (and their neighbours and (L, D) text tokens) into one batch, keyed by the
     names of `CropInputs` fields."""
-    batch = {
-        "images": np.stack([p.image for p in photos]).astype(np.float32),
-        "aspect": np.asarray([p.aspect for p in photos], np.float32),
-    }
+    batch = {"aspect": np.asarray([p.aspect for p in photos], np.float32)}
+    if photos[0].image is not None:
+        batch["images"] = np.stack([p.image for p in photos]).astype(np.float32)  # type: ignore[misc]
     if photos[0].cues is not None:
         batch["cues"] = np.stack([p.cues for p in photos]).astype(np.float32)  # type: ignore[misc]
     if neighbors is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.cropper.backbone import LiteBackbone, ResNetBackbone, build_backbone
+from services.cropper.backbone import FeatureBackbone, LiteBackbone, ResNetBackbone, build_backbone
 from services.cropper.config import ModelConfig
 from services.cropper.transformer import (
     MLP,
@@ -38,9 +38,11 @@ EPS = 1e-3  # anchors are kept inside (EPS, 1 - EPS) so their inverse sigmoid st
 class CropInputs:
     """One batch of B photos, as the model reads it.
 
-    images:    (B, 3, S, S) float32, ImageNet-normalized pixels of the resized photo.
+    images:    (B, 3, S, S) float32, ImageNet-normalized pixels of the resized photo, or None
+               (features backbone: the encoder's cells in `cues` are the image features).
     aspect:    (B,) float32, log(width / height) of the original photo.
-    cues:      (B, 64, C) float32 weight-free cue tokens (lite backbone), or None.
+    cues:      (B, 64, C) float32 weight-free cue tokens (lite backbone), the encoder's feature
+               cells (features backbone), or None.
     tokens:    (B, K, 64, T) float32 composition tokens of the K retrieved photos, or None.
     boxes:     (B, K, 4) float32 retrieved crops, normalized cxcywh (zeros where absent), or None.
     box_mask:  (B, K) bool, True where a neighbour has a crop, or None.
@@ -48,7 +50,7 @@ class CropInputs:
     text_mask: (B, L) bool, True on real text tokens, or None.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | None
     aspect: torch.Tensor
     cues: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
@@ -61,14 +63,14 @@ class CropInputs:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CropInputs:
         """Tensors of a batch made by `services.cropper.inputs.batch_arrays`."""
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        return cls(**tensors)
+        return cls(**{"images": None, **tensors})  # type: ignore[arg-type]
 
     def to(self, device: torch.device | str) -> CropInputs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return CropInputs(**{k: None if v is None else v.to(device) for k, v in moved.items()})  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.aspect)
 
 
 def inverse_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,9 @@ def default_anchors(n: int) -> torch.Tensor:
 class ProCrop(nn.Module):
     """The crop model; `forward(CropInputs)` -> {"logits", "boxes", "aux"} (see `forward`)."""
 
-    def __init__(self, config: ModelConfig, backbone: LiteBackbone | ResNetBackbone) -> None:
+    def __init__(
+        self, config: ModelConfig, backbone: LiteBackbone | FeatureBackbone | ResNetBackbone
+    ) -> None:
         super().__init__()
         d = config.hidden_dim
         self.config = config
@@ -185,7 +189,7 @@ class ProCrop(nn.Module):
 
     def _queries(self, inputs: CropInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder queries: content (B, Q, d) and anchors (B, Q, 4) cxcywh."""
-        b, d = inputs.images.shape[0], self.config.hidden_dim
+        b, d = inputs.aspect.shape[0], self.config.hidden_dim  # traced: a dynamic batch
         anchors = self.anchors.sigmoid()[None].expand(b, -1, -1)
         tgt = anchors.new_zeros(b, self.config.num_queries, d)
         if self.config.num_anchor_queries:

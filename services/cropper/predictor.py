@@ -95,10 +95,11 @@ class CropPredictor:
         # too: training took them from the working copy, but describing each photo twice costs
         # 5 ms and buys 0.001 IoU on FCDB val (0.7173 vs 0.7161).
         embedding = self.encoder.encode(images)
+        features = embedding.features if embedding.features is not None else [None] * len(images)
         return [
-            Prepared(self._arrays(im, tokens), vector, im, sha)
-            for im, tokens, vector, sha in zip(
-                images, embedding.tokens, embedding.vectors, hashes, strict=True
+            Prepared(self._arrays(im, tokens, cells), vector, im, sha)
+            for im, tokens, cells, vector, sha in zip(
+                images, embedding.tokens, features, embedding.vectors, hashes, strict=True
             )
         ]
 
@@ -121,16 +122,18 @@ class CropPredictor:
         neighbors: Neighbors | None,
         text: np.ndarray | None,
         request: CropRequest,
+        features: np.ndarray | None = None,
     ) -> CropResult:
-        """Steps 4-5 for one photo whose composition tokens (64, T), neighbours and (L, D) text
-        tokens were computed elsewhere (the embed and retrieve stages of a crop job)."""
+        """Steps 4-5 for one photo whose composition tokens (64, T), neighbours, (L, D) text
+        tokens and (64, C) encoder feature cells were computed elsewhere (the embed and retrieve
+        stages of a crop job)."""
         if self.config.use_retrieval and neighbors is None:
             raise ValueError("this crop model retrieves compositions, but none were retrieved")
         if self.config.use_text and text is None:
             raise ValueError(
                 "this crop model reads BLIP text: run the embed worker with PROCROP_PROFILE=paper"
             )
-        arrays = [self._arrays(image.convert("RGB"), tokens)]
+        arrays = [self._arrays(image.convert("RGB"), tokens, features)]
         found = [neighbors] if self.config.use_retrieval and neighbors is not None else None
         texts = [text] if self.config.use_text and text is not None else None
         [result] = self._crops(arrays, found, texts, [image.size], request)
@@ -143,9 +146,14 @@ class CropPredictor:
         vectors = np.stack([p.vector for p in prepared])
         return self.retrieval.neighbors(vectors, [p.sha256 for p in prepared])
 
-    def _arrays(self, image: Image.Image, tokens: np.ndarray) -> PhotoArrays:
+    def _arrays(
+        self, image: Image.Image, tokens: np.ndarray, features: np.ndarray | None = None
+    ) -> PhotoArrays:
         """A photo's own model inputs; `tokens` (64, T) are its composition tokens from the
-        retrieval encoder, which double as the lite backbone's cue maps when their width matches."""
+        retrieval encoder, which double as the lite backbone's cue maps when their width matches;
+        `features` (64, C) are the encoder's cells, the features backbone's input."""
+        if self.config.backbone == "features":
+            return photo_arrays(image, self.config, features)
         cues = self.config.cue_channels
         return photo_arrays(
             image, self.config, tokens if cues and tokens.shape[-1] == cues else None
@@ -193,7 +201,7 @@ def build_predictor(
         return CropPredictor(runner, batch_size=crop.batch_size)
     from services.embedder.registry import build_encoder
 
-    encoder = build_encoder(settings.embedder, "lite" if profile == "lite" else "sam")
+    encoder = build_encoder(settings.embedder, runner.config.encoder)
     retrieval: Retrieval | None = None
     if runner.config.use_retrieval:
         retrieval = _retrieval(settings, location, collection or crop.collection, encoder, runner)

@@ -41,7 +41,7 @@ class Runner(Protocol):
 
 def input_names(config: ModelConfig) -> list[str]:
     """The `CropInputs` fields a model of `config` reads, in a fixed order."""
-    names = ["images", "aspect"]
+    names = ["aspect"] if config.backbone == "features" else ["images", "aspect"]
     names += ["cues"] if config.cue_channels else []
     names += ["tokens", "boxes", "box_mask"] if config.use_retrieval else []
     names += ["text", "text_mask"] if config.use_text else []
@@ -129,7 +129,9 @@ def export_onnx(model: Any, path: str | Path, example: dict[str, np.ndarray]) ->
             self.model = model
 
         def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = self.model(CropInputs(**dict(zip(names, tensors, strict=True))))
+            out = self.model(
+                CropInputs(**{"images": None, **dict(zip(names, tensors, strict=True))})  # type: ignore[arg-type]
+            )
             return out["logits"], out["boxes"]
 
     flat = _Flat().eval()

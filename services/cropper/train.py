@@ -57,6 +57,7 @@ class OptimConfig:
     max_minutes: float | None = None  # stop after the epoch that passes this budget
     window_prob: float = 0.5
     flip_prob: float = 0.5
+    views: int = 8  # features backbone: views per photo encoded once (services/cropper/views.py)
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
@@ -106,15 +107,17 @@ def train(
     data = _prepare(config, settings, rank, world)
     store, prefix = open_location(config.optim.out, settings)
     model = build_model(config.model, load_backbone_weights=True).to(device)
-    optimizer = _optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim)
     state = read_trainer_state(store, _join(prefix, "last"))
     start, best = 0, -1.0
     if state is not None:
         start, best = _resume(model, optimizer, store, prefix, state)
         log.info("resuming at epoch %d (best val IoU %.4f)", start, best)
     net = DistributedDataParallel(model) if world > 1 else model
-    loader = _loader(data.train, config, world, rank)
-    val_loader = DataLoader(CropDataset(data.val, config.model), batch_size=32, collate_fn=collate)
+    train_views, val_views = _views(config, settings, data)
+    loader = _loader(data.train, config, world, rank, train_views)
+    val_set = CropDataset(data.val, config.model, views=val_views)
+    val_loader = DataLoader(val_set, batch_size=32, collate_fn=collate)
     criterion = SetCriterion(config.loss)
     started, record = time.monotonic(), {}
     # 4-5. Epochs, evaluation, checkpoints.
@@ -123,7 +126,7 @@ def train(
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         losses = train_one_epoch(
-            net, criterion, _warmup(loader, optimizer, config.optim, epoch), optimizer, device,
+            net, criterion, scheduled_batches(loader, optimizer, config.optim, epoch), optimizer, device,
             config.optim.grad_clip, on_step,
         )  # fmt: skip
         record = {"epoch": epoch + 1, "train": losses, "minutes": _minutes(started)}
@@ -150,6 +153,23 @@ def _prepare(config: TrainConfig, settings: Settings, rank: int, world: int) -> 
     if rank == 0 and world > 1:
         dist.barrier()
     return data
+
+
+def _views(config: TrainConfig, settings: Settings, data: Any) -> tuple[Any, Any]:
+    """Encoded views of the training and validation photos (features backbone), else None."""
+    if config.model.backbone != "features":
+        return None, None
+    from services.cropper.views import encode_views
+    from services.embedder.registry import build_encoder
+
+    encoder = build_encoder(settings.embedder, config.model.encoder)
+    cache, o = settings.home / "cache", config.optim
+    log.info("encoding %d views of %d photos", o.views, len(data.train))
+    train_views = encode_views(
+        data.train, encoder, o.views, o.seed, o.window_prob, o.flip_prob, cache
+    )
+    val_views = encode_views(data.val, encoder, 1, o.seed, cache_dir=cache) if data.val else None
+    return train_views, val_views
 
 
 def _after_epoch(
@@ -189,7 +209,7 @@ def _resume(
     return int(state["epoch"]), float(state["best"])
 
 
-def _optimizer(model: ProCrop, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: ProCrop, cfg: OptimConfig) -> torch.optim.Optimizer:
     backbone = [
         p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad
     ]
@@ -202,7 +222,9 @@ def _optimizer(model: ProCrop, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _warmup(loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: OptimConfig, epoch: int):
+def scheduled_batches(
+    loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: OptimConfig, epoch: int
+):
     """Yield batches, with a linear warm-up then cosine decay of every group's learning rate."""
     steps_per_epoch = len(loader)
     total = max(cfg.epochs * steps_per_epoch, 1)
@@ -215,9 +237,9 @@ def _warmup(loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: OptimConf
         yield batch
 
 
-def _loader(photos: list, config: TrainConfig, world: int, rank: int) -> DataLoader:
+def _loader(photos: list, config: TrainConfig, world: int, rank: int, views: Any) -> DataLoader:
     augment = Augment(config.optim.window_prob, config.optim.flip_prob)
-    dataset = CropDataset(photos, config.model, augment, seed=config.optim.seed)
+    dataset = CropDataset(photos, config.model, augment, seed=config.optim.seed, views=views)
     sampler: DistributedSampler | None = None
     if world > 1:
         sampler = DistributedSampler(dataset, world, rank, seed=config.optim.seed)

@@ -46,8 +46,9 @@ def crop_photo(message: dict[str, Any]) -> dict[str, Any]:
     if model.config.use_retrieval and message.get("neighbors_key"):
         found, _ = get_arrays(message["neighbors_key"])  # already padded to K by the retriever
         neighbors = Neighbors(found["tokens"], found["crops"], found["has_crop"])
-    text = features.get("text")
-    return model.crop_precomputed(image, features["tokens"], neighbors, text, request).to_dict()
+    cells, text = features.get("features"), features.get("text")
+    result = model.crop_precomputed(image, features["tokens"], neighbors, text, request, cells)
+    return result.to_dict()
 
 
 def write_result(message: dict[str, Any]) -> str:

@@ -25,10 +25,13 @@ class Embedding:
 
     tokens:  (B, 64, d) float32; token t describes grid cell (row t // 8, column t % 8).
     vectors: (B, VECTOR_DIM) float32, unit L2 norm; inner product = cosine similarity.
+    features: (B, 64, C) float32, the wider cells the tokens were projected from (pretrained
+        encoder: the crop model reads them as its backbone output), or None.
     """
 
     tokens: np.ndarray
     vectors: np.ndarray
+    features: np.ndarray | None = None  # (B, 64, C) the encoder's own feature cells, if it has any
 
     def __len__(self) -> int:
         return len(self.vectors)

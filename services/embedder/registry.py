@@ -1,4 +1,5 @@
-"""Composition encoders by name: `lite` (weight-free, the default) or `sam` (segment-anything)."""
+"""Composition encoders by name: `lite` (weight-free), `effnet` (ImageNet EfficientNet-Lite0 cells,
+the shipped lite model's) or `sam` (segment-anything, the paper's)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from services.embedder.lite import LiteCompositionEncoder
 from shared.errors import ProCropError
 from shared.settings import EmbedderSettings
 
-ENCODERS = ("lite", "sam")
+ENCODERS = ("lite", "effnet", "sam")
 
 
 def build_encoder(settings: EmbedderSettings, name: str | None = None) -> CompositionEncoder:
@@ -15,6 +16,12 @@ def build_encoder(settings: EmbedderSettings, name: str | None = None) -> Compos
     name = name or settings.encoder
     if name == "lite":
         return LiteCompositionEncoder()
+    if name == "effnet":
+        from services.embedder.pretrained import build_pretrained_encoder
+
+        return build_pretrained_encoder(
+            settings.runtime, settings.device, max(settings.batch_size, 16)
+        )
     if name == "sam":
         from services.embedder.sam import build_sam_encoder  # torch only when SAM is asked for
 

@@ -38,10 +38,12 @@ class EmbedModels:
 def models() -> EmbedModels:
     """The encoder (and BLIP) of this worker process, loaded on first use."""
     from services.embedder.registry import build_encoder
+    from shared.checkpoints import model_location, read_model_card
 
     settings = get_settings()
     paper = settings.profile == "paper"
-    encoder = build_encoder(settings.embedder, "sam" if paper else "lite")
+    card = read_model_card(model_location(settings, settings.profile), settings)
+    encoder = build_encoder(settings.embedder, card.encoder)  # the crop model's own encoder
     text = None
     if paper:
         from services.embedder.blip import build_blip
@@ -60,6 +62,8 @@ def embed_photo(image_key: str, sha256: str) -> str:
     image = decode_image(store.get(image_key), image_key, get_settings().max_image_pixels)
     embedding = m.encoder.encode([image])
     arrays = {"tokens": embedding.tokens[0], "vector": embedding.vectors[0]}
+    if embedding.features is not None:  # the features backbone's input (effnet encoder)
+        arrays["features"] = embedding.features[0]
     if m.text is not None:
         described = m.text.describe([image]).embedding
         arrays["text"] = described.tokens[0][described.mask[0]]

@@ -83,7 +83,7 @@ class IndexRequest(BaseModel):
         description="A key prefix in the gateway's bucket ('pro/photos/'), or s3://bucket/prefix.",
         examples=["pro/photos/"],
     )
-    encoder: Literal["lite", "sam"] | None = Field(
+    encoder: Literal["effnet", "lite", "sam"] | None = Field(
         default=None, description="Composition encoder [default: the workers' setting]."
     )
     annotations_key: str | None = Field(

@@ -44,14 +44,16 @@ def _annotations(photo_dir: Path, tmp_path: Path) -> Path:
     return ann
 
 
-def _config(tmp_path: Path, photo_dir: Path, epochs: int) -> Path:
+def _config(
+    tmp_path: Path, photo_dir: Path, epochs: int, model: str = TINY_MODEL, train: str = ""
+) -> Path:
     ann = _annotations(photo_dir, tmp_path)
     config = tmp_path / "train.toml"
     config.write_text(
         f'[data]\nannotations = "{ann}"\nimages = "{photo_dir}"\nsplit = "all"\n'
-        f'collection = "six"\nrelations = "{tmp_path / "rel.json"}"\n{TINY_MODEL}\n'
+        f'collection = "six"\nrelations = "{tmp_path / "rel.json"}"\n{model}\n'
         f"[train]\nepochs = {epochs}\nbatch_size = 3\nlr = 1e-3\nlr_backbone = 1e-3\n"
-        f'out = "{tmp_path / "run"}"\nwarmup_steps = 1\n'
+        f'out = "{tmp_path / "run"}"\nwarmup_steps = 1\n{train}'
     )
     return config
 
@@ -223,7 +225,6 @@ def test_onnx_and_torch_runtimes_agree(bundle, photo_dir, monkeypatch):
 def test_milvus_collection_gives_same_crops_as_bundle_index(bundle, photo_dir):
     """The bundle's in-memory index and the same index installed in Milvus Lite agree."""
     from services.retriever.bundle_index import install_bundle
-
     from shared.settings import load_settings
     from shared.storage import build_object_store
     from shared.vector_index import open_index
@@ -294,3 +295,47 @@ def test_lite_crop_path_never_imports_torch(bundle, photo_dir):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "torch imported: False"
+
+
+TINY_EFFNET = TINY_MODEL.replace('profile = "lite"', 'profile = "lite-effnet"')
+
+
+def test_effnet_model_trains_on_encoded_views_bundles_and_crops_without_torch(
+    settings, photo_dir, tmp_path
+):
+    """The shipped model's kind end to end: the frozen effnet encoder indexes the photos and
+    encodes their training views once; the bundle crops on ONNX Runtime alone."""
+    import subprocess
+    import sys
+
+    config = _config(tmp_path, photo_dir, 2, TINY_EFFNET, "views = 3\n")
+    code, out, err = run("train", "--config", str(config))
+    assert code == 0, err
+    cached = list((settings.home / "cache").glob("views-*.npz"))
+    assert len(cached) == 1  # six photos x 3 views, encoded once for both epochs
+    code, out, err = run(
+        "bundle", str(tmp_path / "run" / "last"), "-c", "six",
+        "--relations", str(tmp_path / "rel.json"), "--out", str(tmp_path / "bundle"),
+    )  # fmt: skip
+    assert code == 0, err
+    bundle = tmp_path / "bundle"
+    assert json.loads((bundle / "config.json").read_text())["model"]["encoder"] == "effnet"
+    images = [str(photo_dir / "chelsea.jpg"), str(photo_dir / "rocket.jpg")]
+    code, out, err = run("crop", *images, "--model", str(bundle), "-n", "3", "--json")
+    assert code == 0, err
+    for line, path in zip(out.splitlines(), images, strict=True):
+        result = json.loads(line)
+        w, h = Image.open(path).size
+        assert 1 <= len(result["crops"]) <= 3 and (result["width"], result["height"]) == (w, h)
+    script = (
+        "import sys; from procrop.cli import cli\n"
+        f"cli(['crop', {images[0]!r}, '--model', {str(bundle)!r}, '-n', '3', '--json'],"
+        " standalone_mode=False)\n"
+        "print('torch imported:', 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "torch imported: False"
+    assert done.stdout.splitlines()[0] == out.splitlines()[0]  # the same crops in a fresh process

@@ -22,7 +22,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.storage.endpoint == "127.0.0.1:9000"
     assert settings.storage.bucket == "procrop"
     assert settings.storage.secure is False
-    assert settings.embedder.encoder == "lite"
+    assert settings.embedder.encoder == "effnet"
     assert settings.embedder.batch_size == 8
     assert settings.milvus.timeout_s == 30.0
 

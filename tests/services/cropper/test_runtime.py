@@ -56,7 +56,7 @@ def test_auto_picks_onnx_on_a_cpu_and_torch_on_request(bundle: Path) -> None:
 def test_onnx_without_an_export_is_an_error(bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_bytes((bundle / "config.json").read_bytes())
     (tmp_path / "model.safetensors").write_bytes((bundle / "model.safetensors").read_bytes())
-    with pytest.raises(ProCropError, match="has no model.onnx"):
+    with pytest.raises(ProCropError, match=r"has no model\.onnx"):
         build_runner(str(tmp_path), runtime="onnx")
     assert isinstance(build_runner(str(tmp_path)), TorchRunner)
 

@@ -1,0 +1,256 @@
+"""Model selection that generalises: 5-fold cross-validation over all of FCDB train.
+
+Photos whose file bytes occur more than once (FCDB's "photo unavailable" placeholders) are dropped;
+the rest are split into 5 folds by a fixed seed. In each fold, the composition index holds the
+other four folds only (a photo never retrieves itself or any photo of its own fold), and every
+candidate is scored on the held-out fold: top-1 IoU and Disp against the expert crop, best-of-3
+IoU (the paper's N = 3 column), the mean pairwise IoU of the top 3 crops (how different the
+alternatives are) and the median top-1 area. Rows are the mean and standard deviation over folds.
+
+Rows: the prior (median training crop); kNN-10 crop transfer over the weight-free lite descriptor
+and over the pretrained `effnet` encoder; the ProCrop model on the effnet features backbone
+without retrieval and with it (the paper's ablation). Both models train with `configs/lite.toml`'s
+settings through the trainer's own dataset, views, loss, optimizer and schedule.
+
+    .venv/bin/python -m benchmarks.cv_crop_models [--epochs 30] [--folds 5] [--only ROW ...]
+
+Prints one JSON document. Wall time on 2 CPU cores: about 3 minutes of encoding (cached under
+$PROCROP_HOME/cache), then a few minutes of training per fold and model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks.common import FCDB, emit
+from services.cropper.config import LossConfig, ModelConfig
+from services.cropper.data import Augment, CropDataset, TrainPhoto, collate
+from services.cropper.dataset_io import drop_repeated_files
+from services.cropper.engine import predict, train_one_epoch
+from services.cropper.inputs import work_side, working_copy
+from services.cropper.loss import SetCriterion
+from services.cropper.model import build_model
+from services.cropper.postprocess import CropRequest, select_crops
+from services.cropper.train import (
+    OptimConfig,
+    build_optimizer,
+    load_train_config,
+    scheduled_batches,
+)
+from services.cropper.views import ViewCache, encode_views
+from services.embedder.base import Embedding
+from services.embedder.lite import LiteCompositionEncoder
+from services.embedder.registry import build_encoder
+from services.retriever.neighbors import Neighbors, neighbors_from
+from shared.annotations import load_fcdb
+from shared.boxes import box_iou, median_box
+from shared.images import decode_image, read_bytes
+from shared.metrics import best_iou_and_disp
+from shared.settings import load_settings
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lite.toml"
+TOP = CropRequest(3)
+
+
+@dataclasses.dataclass
+class Corpus:
+    names: list[str]
+    crops: np.ndarray  # (N, 4) normalized xyxy expert crops
+    sizes: list[tuple[int, int]]
+    copies: list  # working copies (PIL)
+    effnet: Embedding  # of the original photos, as `procrop crop` sees them
+    lite_vectors: np.ndarray
+    views: ViewCache
+
+
+def load_corpus(fcdb: Path, views: int, seed: int, model: ModelConfig) -> Corpus:
+    settings = load_settings()
+    labels = load_fcdb(fcdb / "annotations.json")
+    names = drop_repeated_files(sorted(labels), fcdb)
+    encoder, lite = build_encoder(settings.embedder, "effnet"), LiteCompositionEncoder()
+    copies, sizes, embeddings, lite_vectors = [], [], [], []
+    for start in range(0, len(names), 16):
+        photos = [decode_image(read_bytes(fcdb / n), n) for n in names[start : start + 16]]
+        embeddings.append(encoder.encode(photos))
+        lite_vectors.append(lite.encode(photos).vectors)
+        sizes += [p.size for p in photos]
+        copies += [working_copy(p, work_side(model)) for p in photos]
+    crops = np.asarray([labels[n].crops_norm[0] for n in names], np.float64)
+    effnet = Embedding(
+        np.concatenate([e.tokens for e in embeddings]),
+        np.concatenate([e.vectors for e in embeddings]),
+        np.concatenate([e.features for e in embeddings]),  # type: ignore[misc]
+    )
+    photos = [_photo(n, copies[i], crops[i]) for i, n in enumerate(names)]
+    cached = encode_views(photos, encoder, views, seed, cache_dir=settings.home / "cache")
+    return Corpus(names, crops, sizes, copies, effnet, np.concatenate(lite_vectors), cached)
+
+
+def _photo(name: str, image, crop: np.ndarray, neighbors: Neighbors | None = None) -> TrainPhoto:
+    return TrainPhoto(name, image, crop[None], np.ones(1), neighbors)
+
+
+def knn(vectors: np.ndarray, queries: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) indices into `pool` of each query's nearest photos (never the query itself)."""
+    scores = vectors[queries] @ vectors[pool].T
+    scores[queries[:, None] == pool[None]] = -np.inf
+    return pool[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+
+
+def score(corpus: Corpus, val: np.ndarray, top: list[np.ndarray]) -> dict[str, float]:
+    """Metrics of ranked normalized xyxy crops (<= 3 each) of the photos `val`."""
+    ious, disps, best3, pairwise, areas = [], [], [], [], []
+    for i, boxes in zip(val, top, strict=True):
+        truth = corpus.crops[i][None]
+        iou, disp = best_iou_and_disp(boxes[0], truth, 1.0, 1.0)
+        ious.append(iou)
+        disps.append(disp)
+        best3.append(float(box_iou(boxes[:3], truth).max()))
+        areas.append(float((boxes[0, 2] - boxes[0, 0]) * (boxes[0, 3] - boxes[0, 1])))
+        if len(boxes) >= 3:
+            m = box_iou(boxes[:3], boxes[:3])
+            pairwise.append(float(m[np.triu_indices(3, 1)].mean()))
+    return {
+        "iou": float(np.mean(ious)), "disp": float(np.mean(disps)),
+        "best_of_3": float(np.mean(best3)), "top3_pairwise_iou": float(np.mean(pairwise)) if pairwise else 1.0,
+        "top1_area": float(np.median(areas)),
+    }  # fmt: skip
+
+
+def fold_neighbors(corpus: Corpus, photos: np.ndarray, pool: np.ndarray, k: int) -> list[Neighbors]:
+    found = knn(corpus.effnet.vectors, photos, pool, k)
+    return [
+        neighbors_from(corpus.effnet.tokens[row], [corpus.crops[j].tolist() for j in row], k)
+        for row in found
+    ]
+
+
+def train_and_predict(
+    corpus: Corpus, train: np.ndarray, val: np.ndarray, model_cfg: ModelConfig,
+    loss: LossConfig, optim: OptimConfig,
+) -> list[np.ndarray]:  # fmt: skip
+    """Train on the fold's photos (their encoded views), then rank crops of the held-out photos."""
+    torch.manual_seed(optim.seed)
+    retrieval = model_cfg.use_retrieval
+    k = model_cfg.k
+    train_nb = fold_neighbors(corpus, train, train, k) if retrieval else [None] * len(train)
+    photos = [
+        _photo(corpus.names[i], corpus.copies[i], corpus.crops[i], nb)
+        for i, nb in zip(train, train_nb, strict=True)
+    ]
+    views = dataclasses.replace(
+        corpus.views,
+        features=corpus.views.features[train],
+        crops=[corpus.views.crops[i] for i in train],
+        flipped=corpus.views.flipped[train],
+        aspect=corpus.views.aspect[train],
+    )
+    dataset = CropDataset(photos, model_cfg, Augment(), seed=optim.seed, views=views)
+    loader = DataLoader(
+        dataset, batch_size=optim.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
+        generator=torch.Generator().manual_seed(optim.seed),
+    )  # fmt: skip
+    model = build_model(model_cfg)
+    optimizer, criterion = build_optimizer(model, optim), SetCriterion(loss)
+    for epoch in range(optim.epochs):
+        dataset.set_epoch(epoch)
+        batches = scheduled_batches(loader, optimizer, optim, epoch)
+        train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), optim.grad_clip)
+    return predict_crops(
+        model, corpus, val, fold_neighbors(corpus, val, train, k) if retrieval else None
+    )
+
+
+def predict_crops(model, corpus: Corpus, val: np.ndarray, neighbors) -> list[np.ndarray]:
+    from services.cropper.inputs import PhotoArrays, batch_arrays
+    from services.cropper.model import CropInputs
+
+    out = []
+    for start in range(0, len(val), 64):
+        idx = val[start : start + 64]
+        arrays = [
+            PhotoArrays(None, float(np.log(corpus.sizes[i][0] / corpus.sizes[i][1])), corpus.effnet.features[i])
+            for i in idx
+        ]  # fmt: skip
+        nb = neighbors[start : start + 64] if neighbors is not None else None
+        scores, boxes = predict(model, CropInputs.from_arrays(batch_arrays(arrays, nb)))
+        for i, s, b in zip(idx, scores, boxes, strict=True):
+            w, h = corpus.sizes[i]
+            result = select_crops(s, b, w, h, TOP)
+            out.append(
+                np.asarray([np.asarray(c.box, np.float64) / [w, h, w, h] for c in result.crops])
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fcdb", type=Path, default=FCDB)
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=None, help="[default: the config's]")
+    parser.add_argument("--only", nargs="*", default=None, help="rows to run (by name)")
+    parser.add_argument("--seed", type=int, default=2026)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    config = load_train_config(args.config)
+    optim = (
+        config.optim
+        if args.epochs is None
+        else dataclasses.replace(config.optim, epochs=args.epochs)
+    )
+    started = time.perf_counter()
+    corpus = load_corpus(args.fcdb, optim.views, optim.seed, config.model)
+    encode_s = time.perf_counter() - started
+    n, k = len(corpus.names), config.model.k
+    folds = np.array_split(np.random.default_rng(args.seed).permutation(n), args.folds)
+
+    def median_of(vectors: np.ndarray) -> Callable[[np.ndarray, np.ndarray], list[np.ndarray]]:
+        def run(train: np.ndarray, val: np.ndarray) -> list[np.ndarray]:
+            return [median_box(corpus.crops[row])[None] for row in knn(vectors, val, train, k)]
+
+        return run
+
+    rows: dict[str, Callable[[np.ndarray, np.ndarray], list[np.ndarray]]] = {
+        "prior (median training crop)": lambda tr, va: [median_box(corpus.crops[tr])[None]] * len(va),
+        f"kNN-{k} median, lite descriptor": median_of(corpus.lite_vectors),
+        f"kNN-{k} median, effnet encoder": median_of(corpus.effnet.vectors),
+    }  # fmt: skip
+    for name, retrieval in (
+        ("ProCrop effnet, no retrieval", False),
+        ("ProCrop effnet + retrieval", True),
+    ):
+        cfg = dataclasses.replace(config.model, use_retrieval=retrieval)
+        rows[name] = lambda tr, va, cfg=cfg: train_and_predict(
+            corpus, tr, va, cfg, config.loss, optim
+        )
+    report = {}
+    for name, run in rows.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        per_fold, seconds = [], []
+        for f in range(args.folds):
+            val = np.sort(folds[f])
+            train = np.sort(np.concatenate([folds[j] for j in range(args.folds) if j != f]))
+            t = time.perf_counter()
+            per_fold.append(score(corpus, val, run(train, val)))
+            seconds.append(time.perf_counter() - t)
+        report[name] = {
+            metric: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)}
+            for metric, v in ((m, [p[m] for p in per_fold]) for m in per_fold[0])
+        } | {"seconds_per_fold": round(float(np.median(seconds)), 1)}
+        print(name, report[name], flush=True)
+    emit("cv_crop_models", {"photos": n, "folds": args.folds, "epochs": optim.epochs,
+                            "encode_seconds": round(encode_s, 1), "rows": report})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
