@@ -1,14 +1,17 @@
 """docker-compose.yml as `docker-compose config` resolves it with .env.example: every service, GPUs
 where they belong, health checks, loopback-only ports, Dockerfiles that exist and agree with
-pyproject.toml, and a gateway image without torch. Needs the docker-compose binary, no engine."""
+pyproject.toml, a gateway image without torch, and one worker Dockerfile whose build argument is
+the queue its image consumes. Needs the docker-compose binary and sh, no engine."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,12 +21,16 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from shared.queue import QUEUES
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 PROCROP_SERVICES = {"gateway", "embedder", "retriever", "indexer", "cropper", "outpainter"}
 INFRA_SERVICES = {"redis", "minio", "etcd", "milvus"}
+WORKER_SERVICES = PROCROP_SERVICES - {"gateway"}
 GPU_SERVICES = {"embedder", "cropper", "outpainter"}
+WORKER_DOCKERFILE = ROOT / "deploy" / "docker" / "worker.Dockerfile"
 MODEL_PACKAGES = {
     "torch",
     "torchvision",
@@ -71,6 +78,13 @@ def services() -> dict[str, dict[str, Any]]:
 def dockerfile_of(service: dict[str, Any]) -> Path:
     build = service["build"]
     return Path(build["context"]) / build.get("dockerfile", "Dockerfile")
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """The instructions of `dockerfile` in order, as (keyword, the rest), continuations joined."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
 
 def pip_installs(dockerfile: Path) -> list[list[str]]:
@@ -135,11 +149,84 @@ def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) ->
         assert check.get("test") and not check.get("disable"), name
 
 
-def test_workers_check_the_queue_they_consume(services: dict[str, dict[str, Any]]) -> None:
-    for name in PROCROP_SERVICES - {"gateway"}:
-        command = services[name]["command"]
-        assert command[0] == "worker", name
-        assert services[name]["healthcheck"]["test"] == ["CMD", "procrop", *command, "--check"]
+def test_every_queue_has_one_worker_that_checks_it(services: dict[str, dict[str, Any]]) -> None:
+    queues = {}
+    for name in WORKER_SERVICES:
+        service = services[name]
+        assert "command" not in service, f"{name}: the image runs the queue it was built for"
+        queues[name] = service["build"]["args"]["QUEUE"]
+        check = ["CMD", "procrop", "worker", queues[name], "--check"]
+        assert service["healthcheck"]["test"] == check, name
+    assert sorted(queues.values()) == sorted(QUEUES)
+    # An image tag built for two queues would run whichever was built last.
+    assert len({services[name]["image"] for name in WORKER_SERVICES}) == len(WORKER_SERVICES)
+
+
+def test_workers_share_one_dockerfile_and_the_gateway_has_its_own(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    assert {dockerfile_of(services[name]) for name in WORKER_SERVICES} == {WORKER_DOCKERFILE}
+    assert dockerfile_of(services["gateway"]) != WORKER_DOCKERFILE
+    assert "args" not in services["gateway"]["build"]
+    leftovers = sorted(p.name for p in WORKER_DOCKERFILE.parent.glob("*Dockerfile"))
+    assert leftovers == ["gateway.Dockerfile", "worker.Dockerfile"]
+
+
+def test_the_queue_comes_last_in_the_worker_image() -> None:
+    """Layers up to the queue are the same for every queue: the worker images share them."""
+    steps = instructions(WORKER_DOCKERFILE)
+    queue_at = steps.index(("ARG", "QUEUE"))
+    before, after = steps[:queue_at], steps[queue_at + 1 :]
+    assert ("RUN", "pip install .") in before and ("COPY", "procrop ./procrop") in before
+    assert {keyword for keyword, _ in after} == {"RUN", "ENV", "ENTRYPOINT", "CMD"}
+    assert all("pip" not in rest for keyword, rest in after if keyword == "RUN")
+    assert ("ENV", "PROCROP_WORKER_QUEUE=$QUEUE") in after
+    assert not any("QUEUE" in rest for _, rest in before)
+
+
+@pytest.mark.parametrize(("queue", "ok"), [("crop", True), ("index", True), ("nope", False)])
+def test_the_worker_image_refuses_to_build_without_a_known_queue(queue: str, ok: bool) -> None:
+    """The build's check of its QUEUE argument, run here with this checkout's Python."""
+    steps = instructions(WORKER_DOCKERFILE)
+    (check,) = [
+        rest for keyword, rest in steps[steps.index(("ARG", "QUEUE")) :] if keyword == "RUN"
+    ]
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT), "QUEUE": queue}
+    done = subprocess.run(["sh", "-c", check], env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode == 0) is ok, done.stderr
+    if not ok:
+        assert "--build-arg QUEUE" in done.stderr and " ".join(QUEUES) in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "runs"),
+    [
+        ([], "worker crop"),
+        (
+            ["index", "s3://photos/pro", "--collection", "pro"],
+            "index s3://photos/pro --collection pro",
+        ),
+        (["worker", "embed", "--check"], "worker embed --check"),
+    ],
+)
+def test_the_worker_image_execs_procrop_as_pid_1(
+    tmp_path: Path, args: list[str], runs: str
+) -> None:
+    """The image's ENTRYPOINT and CMD, run by sh as Docker would, with a stand-in `procrop` that
+    prints its pid and arguments: no arguments run the image's queue; procrop replaces the shell
+    (same pid), so the worker itself receives `docker stop`'s SIGTERM."""
+    steps = dict(instructions(WORKER_DOCKERFILE))
+    command = [*json.loads(steps["ENTRYPOINT"]), *(args or json.loads(steps["CMD"]))]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "procrop").write_text('#!/bin/sh\necho "$$ $*"\n')
+    (bin_dir / "procrop").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PROCROP_WORKER_QUEUE": "crop"}
+    shell = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = shell.communicate(timeout=30)
+    assert shell.returncode == 0
+    assert out.strip() == f"{shell.pid} {runs}"
 
 
 def test_procrop_services_start_after_healthy_infrastructure(

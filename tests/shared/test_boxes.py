@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from shared.boxes import (
-    flip_xyxy,
-    median_box,
     box_area,
     box_iou,
     clip_xyxy,
     cxcywh_to_xyxy,
     denormalize_xyxy,
+    flip_xyxy,
     generalized_box_iou,
+    median_box,
     normalize_xyxy,
     xywh_to_xyxy,
     xyxy_to_cxcywh,

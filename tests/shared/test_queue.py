@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
+import redis
 from celery import Celery
 
+from procrop.servers import ServerProcess
 from shared.errors import SettingsError
 from shared.queue import (
     CROP,
@@ -18,6 +30,7 @@ from shared.queue import (
 )
 from shared.settings import MIN_API_KEY_LENGTH, Settings, load_settings
 
+REPO = Path(__file__).resolve().parents[2]
 TASKS = {
     EMBED: "embed",
     RETRIEVE: "retrieve",
@@ -63,7 +76,7 @@ def test_messages_are_json_only(app: Celery) -> None:
     assert list(app.conf.accept_content) == ["json"]
 
 
-def test_delivery_survives_a_dead_worker(app: Celery, queue_settings: Settings) -> None:
+def test_delivery_options_come_from_the_settings(app: Celery, queue_settings: Settings) -> None:
     assert app.conf.task_acks_late is True
     assert app.conf.task_reject_on_worker_lost is True
     assert app.conf.task_ignore_result is True
@@ -72,15 +85,126 @@ def test_delivery_survives_a_dead_worker(app: Celery, queue_settings: Settings) 
     assert app.conf.task_soft_time_limit == 100
 
 
+# A real worker, as `procrop worker embed` runs one (`shared.worker.run_worker`: prefork pool,
+# one process), with a task that logs its runs to Redis and hangs on its first run only.
+WORKER = """
+import os, time
+import redis
+from shared.queue import worker_app
+from shared.worker import run_worker
+
+runs = redis.Redis.from_url(os.environ["PROCROP_QUEUE__REDIS_URL"])
+
+@worker_app().task(name=SLOW_TASK)
+def slow(token):
+    first = runs.incr("test:runs") == 1
+    runs.rpush("test:started", os.getpid())
+    time.sleep(600 if first else 0)
+    runs.rpush("test:done", os.getpid())
+
+run_worker("embed")
+"""
+SLOW_TASK = "procrop.embed.test_slow"
+FAST_LIMITS = {"PROCROP_QUEUE__SOFT_TIME_LIMIT_S": "4", "PROCROP_QUEUE__TIME_LIMIT_S": "5",
+               "PROCROP_QUEUE__VISIBILITY_TIMEOUT_S": "6"}  # fmt: skip
+
+
+def _wait_for(read: Callable[[], list[str]], timeout_s: float, what: str, logs: Path) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while not (got := read()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert got, f"no {what} in {timeout_s:g} s; worker logs:\n{logs.read_text()[-3000:]}"
+    return got
+
+
+@pytest.mark.parametrize("killed", ["pool process", "whole worker"])
+def test_delivery_survives_a_dead_worker(
+    redis_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed: str
+) -> None:
+    """A task whose pool process is SIGKILLed is re-queued at once by the worker
+    (`reject_on_worker_lost`); a task killed with its whole worker was never acknowledged
+    (`acks_late`): after the visibility timeout it goes back to its queue. Either way another
+    process runs it again, to the end."""
+    url = f"redis://127.0.0.1:{redis_server.port}/4"
+    monkeypatch.setenv("PROCROP_QUEUE__REDIS_URL", url)
+    for name, value in FAST_LIMITS.items():
+        monkeypatch.setenv(name, value)
+    script = tmp_path / "worker.py"
+    script.write_text(f"SLOW_TASK = {SLOW_TASK!r}\n{WORKER}")
+    logs = tmp_path / "workers.log"
+    broker = redis.Redis.from_url(url, decode_responses=True)
+    workers: list[subprocess.Popen[bytes]] = []
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]  # this checkout's code
+        with logs.open("ab") as out:
+            worker = subprocess.Popen(
+                [sys.executable, str(script)], cwd=REPO, stdout=out, stderr=out,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(path)}, start_new_session=True,
+            )  # fmt: skip
+        workers.append(worker)
+        return worker
+
+    try:
+        create_app(load_settings()).send_task(SLOW_TASK, args=["t1"])
+        first = start_worker()
+        (pid,) = _wait_for(lambda: broker.lrange("test:started", 0, -1), 30, "task run", logs)
+        assert broker.llen("embed") == 0 and broker.hlen("unacked") == 1  # delivered, not acked
+        if killed == "pool process":
+            os.kill(int(pid), signal.SIGKILL)
+        else:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=10)
+            start_worker()
+        (done,) = _wait_for(lambda: broker.lrange("test:done", 0, -1), 30, "finished run", logs)
+        assert broker.lrange("test:started", 0, -1) == [pid, done] and done != pid
+        assert _acked_soon(broker)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=10)
+        broker.flushdb()
+        broker.close()
+
+
+def _acked_soon(broker: redis.Redis, timeout_s: float = 5) -> bool:
+    """The finished run is acknowledged (just after its task returned)."""
+    deadline = time.monotonic() + timeout_s
+    while broker.hlen("unacked") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return broker.hlen("unacked") == 0
+
+
 def test_visibility_timeout_outlasts_the_slowest_task(app: Celery) -> None:
     options = app.conf.broker_transport_options
     assert options["visibility_timeout"] == 300
     assert options["visibility_timeout"] > app.conf.task_time_limit
 
 
-def test_broker_is_the_configured_redis() -> None:
-    app = create_app(load_settings(queue={"redis_url": "redis://127.0.0.1:6390/3"}))
-    assert app.conf.broker_url == "redis://127.0.0.1:6390/3"
+def test_broker_is_the_configured_redis(redis_server: ServerProcess) -> None:
+    """Tasks sent by the app land in the Redis list of their queue, in the URL's database."""
+    url = f"redis://127.0.0.1:{redis_server.port}/3"  # not db 0: the URL's database counts
+    app = create_app(load_settings(queue={"redis_url": url}))
+    assert app.conf.broker_url == url
+    broker = redis.Redis.from_url(url, decode_responses=True)
+    db0 = redis.Redis(port=redis_server.port, db=0)
+    try:
+        sent = {task: app.send_task(task, args=[{"job_id": f"job-{task}"}]).id for task in TASKS}
+        depths = {queue: broker.llen(queue) for queue in QUEUES}
+        assert depths == {"embed": 1, "retrieve": 1, "crop": 1, "outpaint": 0, "index": 2}
+        for queue in ("embed", "retrieve", "crop", "index"):
+            for raw in broker.lrange(queue, 0, -1):
+                message = json.loads(raw)
+                task = message["headers"]["task"]
+                assert TASKS[task] == queue and message["headers"]["id"] == sent[task]
+                args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+                assert args == [{"job_id": f"job-{task}"}]
+        assert not any(db0.exists(queue) for queue in QUEUES)
+    finally:
+        broker.flushdb()
+        broker.close()
+        db0.close()
 
 
 @pytest.mark.parametrize(("task", "queue"), TASKS.items())

@@ -1,4 +1,5 @@
-"""The gateway in-process over real Redis, a real S3 server and a real Milvus Lite server."""
+"""The gateway in-process over real Redis, a real S3 server and a real Milvus Lite server, with no
+workers: jobs stay queued. The tests mirror `services/gateway/` (`routes/` for its routers)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ def _clean(clean_env: None) -> None:
     """Every gateway test starts without the outer PROCROP_* variables (fixtures set their own)."""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Milvus Lite in server mode on loopback, one per test module."""
+    """Milvus Lite in server mode on loopback, one for every gateway test (they only list its
+    collections, so they can share it)."""
     server = start_milvus_lite(tmp_path_factory.mktemp("milvus"))
     yield server
     server.stop()

@@ -74,10 +74,16 @@ def test_nothing_readable_leaves_no_collection(settings, encoder, index, store, 
 
 
 def test_pixel_cap_rejects_huge_photos(settings, encoder, index, store, photo_copy):
-    report = Ingestor("photos", encoder, index, store, max_pixels=30_000).run(
+    # The six samples are at most 256x256 = 65,536 pixels: under the cap; the huge one is over.
+    Image.new("RGB", (400, 300), (90, 140, 200)).save(photo_copy / "huge.jpg")
+    report = Ingestor("photos", encoder, index, store, max_pixels=100_000).run(
         list_photos(str(photo_copy), settings)
     )
-    assert report.added < 6 and all("over the limit" in why for _, why in report.failed)
+    ((uri, why),) = report.failed
+    assert Path(uri).name == "huge.jpg"
+    assert "400x300 = 120,000 pixels is over the limit of 100,000" in why
+    assert (report.added, report.duplicates) == (6, 0)
+    assert index.count("photos") == 6
 
 
 def test_annotations_are_stored(settings, encoder, index, store, photo_dir):

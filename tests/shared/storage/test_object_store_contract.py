@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shared.errors import ObjectNotFoundError, StorageError
-from shared.settings import Settings
+from shared.settings import Settings, load_settings
 from shared.storage import LocalObjectStore, ObjectStore, S3ObjectStore, build_object_store
 
 BAD_KEYS = ["", "/abs", "/", "a/../b", "..", "a//b", "a/", "./a", "a/./b"]
@@ -137,6 +137,40 @@ def test_readers_see_old_or_new_bytes_never_a_mix(store: ObjectStore) -> None:
 
 
 def test_check_passes_on_a_usable_store(store: ObjectStore) -> None:
-    store.check()
+    assert store.check() is None  # an empty store (on S3, a bucket not created yet)
+    assert list(store.list()) == []  # a check leaves nothing behind
     store.put("k", b"v")
-    store.check()
+    assert store.check() is None
+    assert list(store.list()) == ["k"] and store.get("k") == b"v"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("SECRET_KEY", "not-the-secret"), ("ACCESS_KEY", "nobody")]
+)
+def test_check_fails_on_s3_with_wrong_credentials(
+    s3_settings: Settings, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """The real loopback S3 server refuses the store, and the check says so."""
+    monkeypatch.setenv(f"PROCROP_STORAGE__{variable}", value)
+    store = build_object_store(load_settings())
+    with pytest.raises(StorageError, match="refused the credentials") as info:
+        store.check()
+    assert type(info.value) is StorageError  # not "not found": the configuration is wrong
+    assert s3_settings.storage.endpoint in str(info.value)
+    assert "not-the-secret" not in str(info.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="LocalObjectStore.check is the default listing, and os.walk skips a root that is not "
+    "a folder: the check passes on a store that cannot store anything",
+)
+def test_check_fails_on_a_local_store_whose_root_is_not_a_folder(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    (tmp_path / "objects").rmdir()
+    (tmp_path / "objects").write_bytes(b"a file where the store's folder was")
+    with pytest.raises(StorageError, match="cannot write"):
+        store.put("k", b"v")  # unusable
+    with pytest.raises(StorageError):
+        store.check()
