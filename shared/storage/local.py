@@ -26,6 +26,11 @@ class LocalObjectStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def check(self) -> None:
+        """The root must be a folder this process can write into (a listing cannot tell)."""
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(f"object store folder {self.root} is not a writable folder")
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
         try:

@@ -160,12 +160,6 @@ def test_check_fails_on_s3_with_wrong_credentials(
     assert "not-the-secret" not in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="LocalObjectStore.check is the default listing, and os.walk skips a root that is not "
-    "a folder: the check passes on a store that cannot store anything",
-)
 def test_check_fails_on_a_local_store_whose_root_is_not_a_folder(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path / "objects")
     (tmp_path / "objects").rmdir()
