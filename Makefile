@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bootstrapped
 
-.PHONY: setup demo test test-fast lint format bench lite-model clean
+.PHONY: setup demo test test-fast lint format bench lite-model cv clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	./scripts/bootstrap.sh
@@ -21,10 +21,15 @@ test-fast: $(STAMP)  ## tests without the slow ones
 	$(PY) -m pytest -m "not slow and not weights"
 
 LITE_HOME := runs/lite-home
-lite-model: $(STAMP)  ## retrain the shipped lite model and its index from FCDB (< 1 h, 2 CPU cores)
+lite-model: $(STAMP)  ## retrain the shipped lite model and its index from FCDB (~30 min, 2 CPU cores)
 	PROCROP_HOME=$(LITE_HOME) $(VENV)/bin/procrop train --config configs/lite.toml
-	PROCROP_HOME=$(LITE_HOME) $(VENV)/bin/procrop bundle runs/lite/last --collection fcdb_train \
+	rm -rf procrop/models/lite
+	PROCROP_HOME=$(LITE_HOME) $(VENV)/bin/procrop bundle runs/lite/last --collection fcdb_train_effnet \
 		--relations runs/lite/relations.json --out procrop/models/lite
+	$(PY) scripts/record_crops.py
+
+cv: $(STAMP)  ## 5-fold cross-validation of the crop models on FCDB train (JSON table)
+	$(PY) -m benchmarks.cv_crop_models
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

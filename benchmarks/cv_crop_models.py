@@ -249,7 +249,19 @@ def main() -> None:
         } | {"seconds_per_fold": round(float(np.median(seconds)), 1)}
         print(name, report[name], flush=True)
     emit("cv_crop_models", {"photos": n, "folds": args.folds, "epochs": optim.epochs,
-                            "encode_seconds": round(encode_s, 1), "rows": report})  # fmt: skip
+                            "encode_seconds": round(encode_s, 1), "rows": report,
+                            "shipped_mb": shipped_sizes()})  # fmt: skip
+
+
+def shipped_sizes() -> dict[str, float]:
+    """Megabytes of what `procrop crop` loads: the lite bundle and the effnet encoder's files."""
+    from services.embedder.pretrained import ONNX_FILE, PCA_FILE
+    from shared.checkpoints import shipped_bundle
+
+    bundle = sum(p.stat().st_size for p in shipped_bundle().iterdir() if p.is_file())
+    encoder = ONNX_FILE.stat().st_size + PCA_FILE.stat().st_size
+    return {"bundle": round(bundle / 1e6, 1), "encoder": round(encoder / 1e6, 1),
+            "total": round((bundle + encoder) / 1e6, 1)}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -213,13 +213,15 @@ def encoder_version(projection_file: Path = PCA_FILE) -> str:
 class OnnxNetwork:
     """The feature network on ONNX Runtime (CPU), from the shipped export."""
 
-    def __init__(self, path: Path = ONNX_FILE, threads: int = 2) -> None:
+    def __init__(self, path: Path = ONNX_FILE, threads: int = 1) -> None:
         import onnxruntime as ort
 
         if not path.is_file():
             raise ModelLoadError(f"the EfficientNet-Lite0 ONNX export is missing: {path}")
         options = ort.SessionOptions()
+        # One thread per call: `procrop crop` encodes two batches at once on its reading threads.
         options.intra_op_num_threads = threads
+        options.enable_cpu_mem_arena = False  # the arena kept ~1 GB of activations alive
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]

@@ -126,3 +126,25 @@ def test_weights_of_another_network_do_not_pair(network) -> None:
 def test_missing_onnx_export_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="ONNX export is missing"):
         OnnxNetwork(tmp_path / "none.onnx")
+
+
+def test_fitted_projection_survives_its_file(tmp_path: Path) -> None:
+    """safetensors writes a transposed view's buffer as it lies in memory: the fit must hand it
+    contiguous arrays, or the stored directions are scrambled (they were, once)."""
+    from safetensors.numpy import save_file
+
+    from services.embedder.pretrained import fit_projection
+
+    cells = np.random.default_rng(0).standard_normal((500, 40)).astype(np.float32)
+    fitted = fit_projection(cells, dim=5)
+    save_file(fitted, str(tmp_path / "p.safetensors"))
+    stored = read_projection(tmp_path / "p.safetensors")
+    np.testing.assert_array_equal(stored["components"], fitted["components"])
+    gram = stored["components"].T @ stored["components"]
+    np.testing.assert_allclose(gram, np.eye(5), atol=1e-5)  # orthonormal directions
+
+
+def test_shipped_projection_is_orthonormal() -> None:
+    components = read_projection()["components"]
+    assert components.shape == (FEATURE_DIM, TOKEN_DIM)
+    np.testing.assert_allclose(components.T @ components, np.eye(TOKEN_DIM), atol=1e-4)
