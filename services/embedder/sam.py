@@ -8,7 +8,6 @@ to 8 x 8, so a wide and a tall photo both spread their 64 tokens over their own 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -23,7 +22,13 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from services.embedder.base import GRID, CompositionEncoder, Embedding, tokens_to_vector
+from services.embedder.base import (
+    GRID,
+    CompositionEncoder,
+    Embedding,
+    file_sha256,
+    tokens_to_vector,
+)
 from shared.devices import resolve_device
 from shared.errors import ModelLoadError, SettingsError
 from shared.settings import EmbedderSettings
@@ -107,11 +112,7 @@ def _state_dict_misfit(model: torch.nn.Module, state_dict: object) -> str | None
 
 def file_digest(path: str | Path, length: int = 12) -> str:
     """First `length` hex digits of the file's SHA-256 (identifies the weights in `version`)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()[:length]
+    return file_sha256(path)[:length]
 
 
 def pool_valid_region(
