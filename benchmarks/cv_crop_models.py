@@ -10,7 +10,11 @@ alternatives are) and the median top-1 area. Rows are the mean and standard devi
 Rows: the prior (median training crop); kNN-10 crop transfer over the weight-free lite descriptor
 and over the pretrained `effnet` encoder; the ProCrop model on the effnet features backbone
 without retrieval and with it (the paper's ablation). Both models train with `configs/lite.toml`'s
-settings through the trainer's own dataset, views, loss, optimizer and schedule.
+settings through the trainer's own dataset, views, loss, optimizer and schedule. The model with
+retrieval is post-processed as `procrop crop` does (its top-1 averaged with the neighbours' median
+crop), and scored again on the same proposals without that fusion and with a stronger NMS (0.7,
+tried and not shipped), with the per-fold paired difference (`paired_*_gain`: variant minus
+shipped).
 
     .venv/bin/python -m benchmarks.cv_crop_models [--epochs 30] [--folds 5] [--only ROW ...]
 
@@ -38,7 +42,11 @@ from services.cropper.engine import predict, train_one_epoch
 from services.cropper.inputs import work_side, working_copy
 from services.cropper.loss import SetCriterion
 from services.cropper.model import build_model
-from services.cropper.postprocess import CropRequest, select_crops
+from services.cropper.postprocess import (
+    CropRequest,
+    fuse_with_transfer,
+    select_crops,
+)
 from services.cropper.train import (
     OptimConfig,
     build_optimizer,
@@ -58,6 +66,10 @@ from shared.settings import load_settings
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lite.toml"
 TOP = CropRequest(3)
+NMS_07_TOP = dataclasses.replace(TOP, nms_iou=0.7)
+UNFUSED = ", top-1 not fused with the kNN median"
+NMS_07 = ", alternatives by NMS at 0.7"
+Ranked = list[np.ndarray] | dict[str, list[np.ndarray]]  # a row's crops, or its variants' crops
 
 
 @dataclasses.dataclass
@@ -136,8 +148,9 @@ def fold_neighbors(corpus: Corpus, photos: np.ndarray, pool: np.ndarray, k: int)
 def train_and_predict(
     corpus: Corpus, train: np.ndarray, val: np.ndarray, model_cfg: ModelConfig,
     loss: LossConfig, optim: OptimConfig,
-) -> list[np.ndarray]:  # fmt: skip
-    """Train on the fold's photos (their encoded views), then rank crops of the held-out photos."""
+) -> dict[str, list[np.ndarray]]:  # fmt: skip
+    """Train on the fold's photos (their encoded views), then rank crops of the held-out photos
+    (by variant: see `predict_variants`)."""
     torch.manual_seed(optim.seed)
     retrieval = model_cfg.use_retrieval
     k = model_cfg.k
@@ -164,16 +177,29 @@ def train_and_predict(
         dataset.set_epoch(epoch)
         batches = scheduled_batches(loader, optimizer, optim, epoch)
         train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), optim.grad_clip)
-    return predict_crops(
+    return predict_variants(
         model, corpus, val, fold_neighbors(corpus, val, train, k) if retrieval else None
     )
 
 
 def predict_crops(model, corpus: Corpus, val: np.ndarray, neighbors) -> list[np.ndarray]:
+    return predict_variants(model, corpus, val, neighbors)[""]
+
+
+def predict_variants(
+    model, corpus: Corpus, val: np.ndarray, neighbors
+) -> dict[str, list[np.ndarray]]:
+    """Ranked crops of the held-out photos, as `procrop crop` post-processes the model's
+    proposals (key ""), and with retrieval two ablations of that post-processing on the same
+    trained model and proposals: the top-1 not fused with the neighbours' median crop, and the
+    alternatives by NMS at 0.7 (more diverse; tried, not shipped)."""
     from services.cropper.inputs import PhotoArrays, batch_arrays
     from services.cropper.model import CropInputs
 
-    out = []
+    weight = model.config.transfer_weight
+    out: dict[str, list[np.ndarray]] = {"": []}
+    if neighbors is not None:
+        out |= {UNFUSED: [], NMS_07: []}
     for start in range(0, len(val), 64):
         idx = val[start : start + 64]
         arrays = [
@@ -182,13 +208,23 @@ def predict_crops(model, corpus: Corpus, val: np.ndarray, neighbors) -> list[np.
         ]  # fmt: skip
         nb = neighbors[start : start + 64] if neighbors is not None else None
         scores, boxes = predict(model, CropInputs.from_arrays(batch_arrays(arrays, nb)))
-        for i, s, b in zip(idx, scores, boxes, strict=True):
+        for j, (i, s, b) in enumerate(zip(idx, scores, boxes, strict=True)):
             w, h = corpus.sizes[i]
-            result = select_crops(s, b, w, h, TOP)
-            out.append(
-                np.asarray([np.asarray(c.box, np.float64) / [w, h, w, h] for c in result.crops])
-            )
+            if nb is None:
+                out[""].append(_ranked(s, b, w, h))
+                continue
+            fused = fuse_with_transfer(s, b, nb[j].median_crop(), weight)
+            out[""].append(_ranked(s, fused, w, h))
+            out[UNFUSED].append(_ranked(s, b, w, h))
+            out[NMS_07].append(_ranked(s, fused, w, h, NMS_07_TOP))
     return out
+
+
+def _ranked(
+    scores: np.ndarray, boxes: np.ndarray, w: int, h: int, request: CropRequest = TOP
+) -> np.ndarray:
+    result = select_crops(scores, boxes, w, h, request)
+    return np.asarray([np.asarray(c.box, np.float64) / [w, h, w, h] for c in result.crops])
 
 
 def main() -> None:
@@ -199,6 +235,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="[default: the config's]")
     parser.add_argument("--only", nargs="*", default=None, help="rows to run (by name)")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument(
+        "--fold",
+        type=int,
+        nargs="*",
+        default=None,
+        help="run only these folds (0-based) [default: all]",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     config = load_train_config(args.config)
@@ -219,7 +262,7 @@ def main() -> None:
 
         return run
 
-    rows: dict[str, Callable[[np.ndarray, np.ndarray], list[np.ndarray]]] = {
+    rows: dict[str, Callable[[np.ndarray, np.ndarray], Ranked]] = {
         "prior (median training crop)": lambda tr, va: [median_box(corpus.crops[tr])[None]] * len(va),
         f"kNN-{k} median, lite descriptor": median_of(corpus.lite_vectors),
         f"kNN-{k} median, effnet encoder": median_of(corpus.effnet.vectors),
@@ -236,21 +279,46 @@ def main() -> None:
     for name, run in rows.items():
         if args.only and not any(o in name for o in args.only):
             continue
-        per_fold, seconds = [], []
-        for f in range(args.folds):
+        per_fold: dict[str, list[dict[str, float]]] = {}
+        seconds = []
+        for f in args.fold if args.fold is not None else range(args.folds):
             val = np.sort(folds[f])
             train = np.sort(np.concatenate([folds[j] for j in range(args.folds) if j != f]))
             t = time.perf_counter()
-            per_fold.append(score(corpus, val, run(train, val)))
+            ranked = run(train, val)
             seconds.append(time.perf_counter() - t)
-        report[name] = {
-            metric: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)}
-            for metric, v in ((m, [p[m] for p in per_fold]) for m in per_fold[0])
-        } | {"seconds_per_fold": round(float(np.median(seconds)), 1)}
-        print(name, report[name], flush=True)
+            for variant, top in (ranked if isinstance(ranked, dict) else {"": ranked}).items():
+                per_fold.setdefault(name + variant, []).append(score(corpus, val, top))
+                print(f"{name + variant} fold {f}: {per_fold[name + variant][-1]} "
+                      f"({seconds[-1]:.0f} s)", flush=True)  # fmt: skip
+        for row, scores in per_fold.items():
+            report[row] = (
+                {"folds_run": sorted(args.fold) if args.fold is not None else "all"}
+                | _mean_std(scores)
+                | {"seconds_per_fold": round(float(np.median(seconds)), 1)}
+            )
+            if row != name:  # a variant: its per-fold difference from the shipped one
+                report[row]["paired_iou_gain"] = _paired(per_fold[name], scores, "iou")
+                report[row]["paired_best_of_3_gain"] = _paired(per_fold[name], scores, "best_of_3")
+            print(row, report[row], flush=True)
     emit("cv_crop_models", {"photos": n, "folds": args.folds, "epochs": optim.epochs,
                             "encode_seconds": round(encode_s, 1), "rows": report,
                             "shipped_mb": shipped_sizes()})  # fmt: skip
+
+
+def _mean_std(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {
+        metric: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)}
+        for metric, v in ((m, [p[m] for p in per_fold]) for m in per_fold[0])
+    }
+
+
+def _paired(base: list[dict[str, float]], variant: list[dict[str, float]], metric: str) -> dict:
+    """The variant's gain over the shipped post-processing, fold by fold (same model, same
+    photos): its mean, std, and the per-fold values."""
+    gains = [v[metric] - b[metric] for b, v in zip(base, variant, strict=True)]
+    return {"mean": round(float(np.mean(gains)), 4), "std": round(float(np.std(gains)), 4),
+            "folds": [round(g, 4) for g in gains]}  # fmt: skip
 
 
 def shipped_sizes() -> dict[str, float]:

@@ -1,5 +1,6 @@
 """What a crop request may ask for, checked the same way at every edge (CLI, gateway, workers):
-how many crops (`n`) and which aspect ratios ("W:H"). Pure Python: the gateway imports it.
+how many crops (`n`) and which aspect ratios ("W:H", from 1:10 to 10:1). Pure Python: the gateway
+imports it.
 """
 
 from __future__ import annotations
@@ -7,12 +8,19 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from shared.errors import shorten
+
 MAX_CROPS = 100  # most crops per photo (per ratio) a request may ask for
 MAX_ASPECT_RATIOS = 16  # most ratios one request may ask for
+# Ratios from 1:10 to 10:1: past that a crop of a photo is a strip of a few pixels (100000:1 gave
+# 800 x 1 px), and float ratios of 1e17 overflow the crop stage's integer rounding.
+MIN_RATIO, MAX_RATIO = 0.1, 10.0
+MAX_RATIO_CHARS = 32  # "W:H" text longer than this is refused before it is parsed
 
 AspectRatio = tuple[int, int] | float
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"  # unsigned decimal: no sign, exponent, inf or nan
-_RATIO_PATTERN = re.compile(rf"\s*{_NUMBER}\s*:\s*{_NUMBER}\s*")
+RATIO_PATTERN = rf"^\s*{_NUMBER}\s*:\s*{_NUMBER}\s*$"  # the syntax; the range is checked apart
+_RATIO_PATTERN = re.compile(RATIO_PATTERN)
 
 
 def parse_aspect_ratio(text: str) -> AspectRatio:
@@ -22,19 +30,21 @@ def parse_aspect_ratio(text: str) -> AspectRatio:
     colon. The tuple is not reduced ("32:18" stays (32, 18)).
 
     Raises:
-        ValueError: naming `text`, for anything else ("abc", "0:1", "-1:2", "1:", "1:2:3",
-            "inf:1").
+        ValueError: naming `text` (cut to `MAX_RATIO_CHARS`), for anything else ("abc", "0:1",
+            "-1:2", "1:", "1:2:3", "inf:1"), and for ratios outside 1:10 to 10:1 ("11:1").
     """
-    match = _RATIO_PATTERN.fullmatch(text)
+    match = _RATIO_PATTERN.fullmatch(text) if len(text) <= MAX_RATIO_CHARS else None
     if match is None:
         raise ValueError(
             f"aspect ratio must be 'W:H' with positive numbers, e.g. '16:9' or '1.91:1'; "
-            f"got {text!r}"
+            f"got {shorten(text)!r}"
         )
     w_text, h_text = match.groups()
     w, h = float(w_text), float(h_text)
     if w <= 0 or h <= 0:
         raise ValueError(f"aspect ratio sides must be positive; got {text!r}")
+    if not MIN_RATIO <= w / h <= MAX_RATIO:
+        raise ValueError(f"aspect ratio must be between 1:10 and 10:1; got {text!r}")
     if w_text.isdigit() and h_text.isdigit():
         return int(w_text), int(h_text)
     return w / h

@@ -41,6 +41,10 @@ class ModelConfig:
     # lite backbone: weight-free cue maps joined to the CNN features (0 = off); "features"
     # backbone: the width of the encoder's feature cells, which are the image features
     cue_channels: int = 16
+    # Post-processing of a model that retrieves: the best-scored proposal moves this far toward
+    # the neighbours' median crop (0 = not at all; 0.5, their mean, for the lite-effnet profile,
+    # chosen by 5-fold CV: benchmarks/cv_crop_models.py). Not a weight of the network.
+    transfer_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -49,6 +53,8 @@ class ModelConfig:
             raise ProCropError("the features backbone needs cue_channels (the feature width)")
         if self.hidden_dim % self.num_heads:
             raise ProCropError("hidden_dim must be a multiple of num_heads")
+        if not 0.0 <= self.transfer_weight <= 1.0:
+            raise ProCropError("model config: transfer_weight must be in [0, 1]")
         for name in ("input_size", "num_queries", "k", "token_dim", "dec_layers"):
             if getattr(self, name) <= 0:
                 raise ProCropError(f"model config: {name} must be positive")
@@ -114,7 +120,7 @@ PROFILES: dict[str, ModelConfig] = {
     # The lite profile on the pretrained encoder: frozen ImageNet EfficientNet-Lite0 cells (64, 1280)
     # as image features, its 32-d tokens for the neighbours (configs/lite.toml).
     "lite-effnet": ModelConfig(
-        encoder="effnet", backbone="features", cue_channels=1280, token_dim=32,
+        encoder="effnet", backbone="features", cue_channels=1280, token_dim=32, transfer_weight=0.5,
     ),
     "paper": ModelConfig(
         profile="paper", encoder="sam", backbone="resnet50", backbone_weights="imagenet", input_size=512,

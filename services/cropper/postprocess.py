@@ -22,10 +22,12 @@ from shared.crop_request import AspectRatio, check_crop_request, parse_aspect_ra
 
 __all__ = ["AspectRatio", "parse_aspect_ratio"]  # re-exported: the cropper's callers use them
 
-# Two crops with IoU above this are near duplicates. Crops are large and overlap a lot: two
-# crops of one size shifted by 8 % of a side still have IoU 0.92 / 1.08 ~ 0.85, and so do a crop
-# and its centred 8 % zoom (0.92^2); the field (GAICD matching, FCDB / FLMS "acc") treats IoU >= 0.85 as the same
-# crop. Greedy NMS at this threshold keeps crops that differ visibly.
+# Two crops with IoU above this are near duplicates, and only the better one is offered. Crops
+# are large and overlap a lot: two crops of one size shifted by 8 % of a side still have IoU
+# 0.92 / 1.08 ~ 0.85, and so do a crop and its centred 8 % zoom (0.92^2); the field (GAICD
+# matching, FCDB / FLMS "acc") treats IoU >= 0.85 as the same crop. 0.7 was tried (5-fold CV,
+# benchmarks/cv_crop_models.py): the top 3 then overlap at 0.64 instead of 0.76, but best-of-3 IoU
+# falls by about 0.006 with the shipped model's fused top-1, so 0.85 stays.
 NEAR_DUPLICATE_IOU = 0.85
 
 
@@ -170,6 +172,10 @@ class CropRequest:
 
     n: int = 5
     ratios: tuple[tuple[str, AspectRatio], ...] = ()  # ("16:9", parsed ratio), ...
+    # How the proposals become crops. Users get the defaults; weak training's pseudo-label rounds
+    # ask for the model's raw proposals (`services.cropper.pseudo_labels.round_request`).
+    nms_iou: float = NEAR_DUPLICATE_IOU  # crops overlapping a better one above this are dropped
+    transfer: bool = True  # apply the model's `transfer_weight` to its top proposal
 
     @classmethod
     def parse(cls, n: int = 5, aspect_ratios: Sequence[str] = ()) -> CropRequest:
@@ -206,18 +212,34 @@ class CropResult:
         }
 
 
+def fuse_with_transfer(
+    scores: np.ndarray, boxes_norm: np.ndarray, transfer: np.ndarray | None, weight: float
+) -> np.ndarray:
+    """The proposals (Q, 4), normalized xyxy, with the best-scored one moved toward `transfer`
+    (the neighbours' median crop, normalized xyxy; None: no neighbour has a crop):
+    `(1 - weight) * box + weight * transfer`. Two estimates of the same crop, one from the model
+    and one from the compositions it retrieved: their mean is nearer the expert's crop than
+    either (5-fold CV in the README). The other proposals, the alternatives, stay as they are."""
+    if transfer is None or weight == 0.0 or len(boxes_norm) == 0:
+        return boxes_norm
+    fused = np.array(boxes_norm, dtype=np.float64)
+    best = int(np.argmax(scores))
+    fused[best] = (1.0 - weight) * fused[best] + weight * np.asarray(transfer, np.float64)
+    return fused
+
+
 def select_crops(
     scores: np.ndarray, boxes_norm: np.ndarray, width: int, height: int, request: CropRequest
 ) -> CropResult:
     """Ranked proposals, scores (Q,) and normalized xyxy (Q, 4) -> the crops users get (pixel
-    xyxy inside the photo)."""
+    xyxy inside the photo), near duplicates (IoU above `request.nms_iou`) suppressed."""
     boxes = denormalize_xyxy(boxes_norm.astype(np.float64), width, height)
     boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1e-3)  # never empty
     boxes[:, 2] = np.minimum(boxes[:, 2], width)
     boxes[:, 3] = np.minimum(boxes[:, 3], height)
     boxes[:, :2] = np.minimum(boxes[:, :2], boxes[:, 2:] - 1e-3)
     if not request.ratios:
-        keep = suppress_near_duplicates(boxes, scores, max_keep=request.n)
+        keep = suppress_near_duplicates(boxes, scores, request.nms_iou, max_keep=request.n)
         return CropResult(
             width, height, [_free_crop(boxes[i], scores[i], width, height) for i in keep]
         )
@@ -226,7 +248,8 @@ def select_crops(
         fitted = np.stack([fit_aspect_ratio(b, ratio, width, height) for b in boxes])
         # The least-adjusted proposals rank first: score times the IoU of the fitted with the raw.
         fitted_scores = scores * box_iou(fitted, boxes).diagonal()
-        for i in suppress_near_duplicates(fitted, fitted_scores, max_keep=request.n):
+        kept = suppress_near_duplicates(fitted, fitted_scores, request.nms_iou, max_keep=request.n)
+        for i in kept:
             box = round_to_pixels(fitted[i], ratio, width, height)
             crops.append(Crop(tuple(int(v) for v in box), float(fitted_scores[i]), label))  # type: ignore[arg-type]
     crops.sort(key=lambda c: -c.score)

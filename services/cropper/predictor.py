@@ -24,7 +24,7 @@ from PIL import Image
 
 from services.cropper.config import ModelConfig
 from services.cropper.inputs import PhotoArrays, batch_arrays, photo_arrays
-from services.cropper.postprocess import CropRequest, CropResult, select_crops
+from services.cropper.postprocess import CropRequest, CropResult, fuse_with_transfer, select_crops
 from services.cropper.runtime import Runner, build_runner
 from services.embedder.base import CompositionEncoder
 from services.retriever.neighbors import Neighbors, Retrieval
@@ -174,9 +174,16 @@ class CropPredictor:
             list(text) if text is not None else None,
         )
         scores, boxes = self.runner(batch)
+        proposals = list(boxes)
+        if neighbors is not None and self.config.transfer_weight and request.transfer:
+            weight = self.config.transfer_weight
+            proposals = [
+                fuse_with_transfer(s, b, nb.median_crop(), weight)
+                for s, b, nb in zip(scores, proposals, neighbors, strict=True)
+            ]
         return [
             select_crops(s, b, w, h, request)
-            for s, b, (w, h) in zip(scores, boxes, sizes, strict=True)
+            for s, b, (w, h) in zip(scores, proposals, sizes, strict=True)
         ]
 
 

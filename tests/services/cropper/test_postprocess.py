@@ -45,7 +45,7 @@ def test_nms_max_keep_and_threshold_one() -> None:
 def test_nms_only_kept_crops_suppress() -> None:
     # 1 is suppressed by 0 (IoU 0.88); 2 overlaps 1 at 76 / 88 > 0.85 but 0 only at 0.76: kept.
     boxes = np.array([[0, 0, 100, 100], [0, 0, 100, 88], [0, 0, 100, 76]], float)
-    kept = suppress_near_duplicates(boxes, np.array([0.9, 0.8, 0.7]))
+    kept = suppress_near_duplicates(boxes, np.array([0.9, 0.8, 0.7]), iou_threshold=0.85)
     assert kept.tolist() == [0, 2]
 
 
@@ -107,6 +107,9 @@ def test_nms_errors(kwargs: dict, message: str) -> None:
         ("4:3.5", 4 / 3.5),
         (".5:1", 0.5),
         ("2.:1", 2.0),
+        ("10:1", (10, 1)),  # the documented range's ends
+        ("1:10", (1, 10)),
+        ("1:9.99", 1 / 9.99),
     ],
 )
 def test_parse_aspect_ratio(text: str, expected: tuple[int, int] | float) -> None:
@@ -131,11 +134,22 @@ def test_parse_aspect_ratio(text: str, expected: tuple[int, int] | float) -> Non
         "1e3:1",
         "",
         "16x9",
+        "11:1",  # outside 1:10 to 10:1
+        "1:10.5",
+        "100000:1",
+        "100000000000000000:1",
     ],
 )
 def test_parse_aspect_ratio_errors_name_the_value(text: str) -> None:
     with pytest.raises(ValueError, match=re.escape(repr(text))):
         parse_aspect_ratio(text)
+
+
+def test_long_ratio_text_is_refused_and_cut_in_the_error() -> None:
+    text = "1" * 5000 + ":1"
+    with pytest.raises(ValueError, match="W:H") as info:
+        parse_aspect_ratio(text)
+    assert len(str(info.value)) < 200
 
 
 def test_ratio_value() -> None:
@@ -248,3 +262,17 @@ def test_round_to_pixels_invariants_on_random_boxes() -> None:
         assert abs((x2 - x1) / (y2 - y1) - ratio) <= 0.5 / h_floor + 1e-12
         # Near the float crop: a height step of 1 px moves the width by the ratio.
         assert np.abs(rounded - fitted).max() <= max(ratio, 1) + 1
+
+
+def test_fuse_with_transfer_moves_the_best_proposal_only() -> None:
+    from services.cropper.postprocess import fuse_with_transfer
+
+    scores = np.array([0.2, 0.9, 0.5])
+    boxes = np.array([[0.0, 0.0, 1.0, 1.0], [0.2, 0.2, 0.6, 0.6], [0.1, 0.1, 0.9, 0.9]])
+    transfer = np.array([0.0, 0.0, 0.8, 1.0])
+    fused = fuse_with_transfer(scores, boxes, transfer, 0.25)
+    np.testing.assert_allclose(fused[1], 0.75 * boxes[1] + 0.25 * transfer)
+    np.testing.assert_array_equal(fused[[0, 2]], boxes[[0, 2]])
+    np.testing.assert_array_equal(boxes[1], [0.2, 0.2, 0.6, 0.6])  # the input is not changed
+    assert fuse_with_transfer(scores, boxes, None, 0.5) is boxes  # no neighbour had a crop
+    assert fuse_with_transfer(scores, boxes, transfer, 0.0) is boxes

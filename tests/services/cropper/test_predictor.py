@@ -103,3 +103,34 @@ def test_missing_inputs_are_refused(predictor, images) -> None:
 def test_bad_requests_name_what_is_wrong(n, ratios, message) -> None:
     with pytest.raises(ValueError, match=message):
         CropRequest.parse(n, ratios)
+
+
+def test_transfer_weight_moves_only_the_top_crop_toward_the_neighbours_median(images) -> None:
+    """With `transfer_weight` 0.5 the first crop is the mean of the model's best proposal and
+    the neighbours' median crop (both normalized); 0 leaves the model's crops as they were."""
+    import dataclasses
+
+    from shared.boxes import median_box
+
+    config = profile_config("lite", hidden_dim=32, num_heads=2, ffn_dim=64, k=K, num_queries=8)
+    model = build_model(config)
+    plain = CropPredictor(TorchRunner(model), LiteCompositionEncoder(), TableRetrieval())
+    runner = TorchRunner(model)
+    runner.config = dataclasses.replace(config, transfer_weight=0.5)  # post-processing only
+    fused = CropPredictor(runner, LiteCompositionEncoder(), TableRetrieval())
+    request = CropRequest.parse(3)
+    [before] = plain.crop(images[:1], [None], request)
+    [after] = fused.crop(images[:1], [None], request)
+    w, h = images[0].size
+    median = median_box(np.asarray([c for c in TableRetrieval().crops if c is not None]))
+    top = np.asarray(before.crops[0].box, np.float64) / [w, h, w, h]
+    expected = (top + median) / 2 * [w, h, w, h]
+    assert np.abs(np.asarray(after.crops[0].box) - expected).max() <= 1.0  # pixel rounding
+    assert after.crops[0].score == before.crops[0].score
+    assert np.abs(top - median).max() > 0.02  # the test would not see a fusion that did nothing
+    # Pseudo-label rounds ask for the raw proposals (services/cropper/pseudo_labels.py).
+    from services.cropper.pseudo_labels import round_request
+
+    [raw] = fused.crop(images[:1], [None], round_request(3))
+    [raw_plain] = plain.crop(images[:1], [None], CropRequest(3))
+    assert raw.to_dict() == raw_plain.to_dict()
