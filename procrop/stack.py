@@ -5,7 +5,7 @@
     procrop stack down      # stop every process the stack started (by pid), and nothing else
 
 Processes: redis-server, SeaweedFS (S3), Milvus Lite in server mode, one Celery worker per queue
-(embed, retrieve, crop, index) and the gateway. State lives in `$PROCROP_HOME/stack/`:
+(embed, retrieve, crop, index, outpaint) and the gateway. State lives in `$PROCROP_HOME/stack/`:
 `stack.json` (pids with their start times, ports, the environment the services got; mode 0600:
 it holds the API key and S3 secret), each server's data, and one log per process.
 """
@@ -28,6 +28,7 @@ from typing import Any
 from procrop.servers import (
     ServerProcess,
     free_port,
+    restart_server,
     start_milvus_lite,
     start_redis,
     start_seaweedfs,
@@ -36,7 +37,7 @@ from shared.errors import ProCropError
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-WORKER_QUEUES = ("embed", "retrieve", "crop", "index")
+WORKER_QUEUES = ("embed", "retrieve", "crop", "index", "outpaint")
 PRELOADING = ("embed", "retrieve", "crop")  # workers that load models (or an index) at start
 INFRA = ("redis", "s3", "milvus")
 STATE_FILE = "stack.json"
@@ -98,13 +99,7 @@ class Stack:
         """Start the stack, or what of it is not running; returns its summary once all is ready."""
         state = self.load()
         if state is not None:
-            procs = self.processes(state)
-            dead_infra = [n for n in INFRA if not procs[n].alive()]
-            if dead_infra:
-                raise ProCropError(
-                    f"stack servers not running ({', '.join(dead_infra)}): run `procrop stack down`"
-                    " then `procrop stack up`"
-                )
+            self._restart_dead_infra(state)
         else:
             state = self._start_infra()
         for name, cmd in self._service_commands(state).items():
@@ -119,9 +114,10 @@ class Stack:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)
         access, secret = "procrop", secrets.token_urlsafe(24)
+        redis_password = secrets.token_urlsafe(24)  # URL-safe: it goes into the Redis URL
         with ThreadPoolExecutor(3) as pool:
             futures = {
-                "redis": pool.submit(start_redis, self.dir / "redis"),
+                "redis": pool.submit(start_redis, self.dir / "redis", redis_password),
                 "s3": pool.submit(start_seaweedfs, self.dir / "s3", access, secret),
                 "milvus": pool.submit(start_milvus_lite, self.dir / "milvus"),
             }
@@ -132,7 +128,7 @@ class Stack:
                     future.result().stop()
             raise ProCropError(f"could not start the stack's servers: {failed[0]}")
         servers = {name: future.result() for name, future in futures.items()}
-        env = self._service_env(servers, access, secret)
+        env = self._service_env(servers, access, secret, redis_password)
         state = {
             "processes": {n: _record(s) for n, s in servers.items()},
             "env": env,
@@ -146,8 +142,21 @@ class Stack:
         self._save(state)
         return state
 
+    def _restart_dead_infra(self, state: dict[str, Any]) -> None:
+        """Start each dead server again on its own port, data and credentials (its recorded
+        command), so every URL the services hold stays valid and Redis comes back with its
+        queues and job records (append-only file)."""
+        procs = self.processes(state)
+        for name in (n for n in INFRA if not procs[n].alive()):
+            log.info("restarting %s on port %d", name, _infra_port(state, name))
+            server = restart_server(
+                name, procs[name].cmd, _infra_port(state, name), Path(procs[name].log)
+            )
+            state["processes"][name] = _record(server)
+            self._save(state)
+
     def _service_env(
-        self, servers: dict[str, ServerProcess], access: str, secret: str
+        self, servers: dict[str, ServerProcess], access: str, secret: str, redis_password: str
     ) -> dict[str, str]:
         """The settings every service of the stack gets (on top of the caller's PROCROP_*)."""
         inherited = {k: v for k, v in os.environ.items() if k.startswith("PROCROP_")}
@@ -161,7 +170,9 @@ class Stack:
             "PROCROP_STORAGE__SECRET_KEY": secret,
             "PROCROP_STORAGE__BUCKET": self.settings.storage.bucket,
             "PROCROP_MILVUS__URI": f"http://127.0.0.1:{servers['milvus'].port}",
-            "PROCROP_QUEUE__REDIS_URL": f"redis://127.0.0.1:{servers['redis'].port}/0",
+            "PROCROP_QUEUE__REDIS_URL": (
+                f"redis://:{redis_password}@127.0.0.1:{servers['redis'].port}/0"
+            ),
             "PROCROP_API_KEYS": ",".join(api_keys),
             "PROCROP_GATEWAY__HOST": "127.0.0.1",
             "PROCROP_GATEWAY__PORT": str(free_port()),
@@ -245,6 +256,12 @@ def _record(server: ServerProcess) -> dict[str, Any]:
     started = _start_time(server.proc.pid)
     return {"pid": server.proc.pid, "start_time": started, "log": str(server.log_path),
             "cmd": list(map(str, server.proc.args))}  # type: ignore[arg-type]  # fmt: skip
+
+
+def _infra_port(state: dict[str, Any], name: str) -> int:
+    """The port a stack server was started on, from its endpoint (`host:port`, or a URL)."""
+    endpoint = state["endpoints"][name]
+    return int(endpoint.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 def _clean_environ() -> dict[str, str]:

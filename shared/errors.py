@@ -7,10 +7,17 @@ a URI), so the CLI can print it as-is and the gateway can turn it into a 4xx / 5
 from __future__ import annotations
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters ("..." marks a cut): how echoed input is shown in errors and
+    logs, so a 5 MB value never becomes a 5 MB answer or log line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
+    """The first line of an exception's message (at most 500 characters), or its type's name when
+    it has none."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return shorten(text[0], 500) if text else type(exc).__name__
 
 
 class ProCropError(Exception):

@@ -2,6 +2,12 @@
 
 Every failure (empty, corrupt, truncated, unsupported format, too many pixels) raises
 `InvalidImageError` naming the photo, so callers never see a raw PIL exception.
+
+`check_photo` is the bounded check the gateway runs instead of a decode: the header (format, size,
+pixel cap), then a verification whose memory does not grow with the photo's pixels (a JPEG is
+decoded at 1/8 scale in grey, a PNG's chunks are read to IEND with their CRCs, a WebP's RIFF size
+must match its bytes). A 160 KB PNG of 7000 x 7000 costs it about 1 MB, not the 147 MB of a full
+decode; workers decode in full (`decode_image`).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -58,6 +65,57 @@ def decode_image(
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"{name}: corrupt or truncated image ({exc})") from None
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@dataclass(frozen=True)
+class PhotoInfo:
+    """What `check_photo` learns without decoding: the format and the upright size in pixels."""
+
+    format: str  # "JPEG", "MPO", "PNG" or "WEBP"
+    width: int
+    height: int
+
+
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def check_photo(
+    data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> PhotoInfo:
+    """Check photo bytes with bounded memory (see the module); InvalidImageError as `decode_image`.
+
+    Catches what the header, the JPEG entropy stream, the PNG chunk structure and the WebP
+    container show (wrong format, truncation, bad CRCs); a PNG whose compressed pixels are corrupt
+    behind valid CRCs passes, and fails its job in the worker's full decode.
+    """
+    if not data:
+        raise InvalidImageError(f"{name}: empty file (0 bytes)")
+    image = _open_checked(data, name, max_pixels)
+    fmt, (width, height) = str(image.format), image.size
+    try:
+        rotated = _orientation(image) in _ROTATED
+        if fmt in ("JPEG", "MPO"):
+            image.draft("L", (max(1, width // 8), max(1, height // 8)))  # DCT scaling: 1/8 side
+            image.load()
+        elif fmt == "PNG":  # chunk lengths and CRCs up to IEND; the pixels stay compressed
+            with Image.open(io.BytesIO(data)) as fresh:  # verify() must come first after open
+                fresh.verify()
+        elif int.from_bytes(data[4:8], "little") + 8 != len(data):  # WebP: RIFF size
+            raise ValueError(f"RIFF size {int.from_bytes(data[4:8], 'little') + 8} != {len(data)}")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImageError(f"{name}: corrupt or truncated image ({exc})") from None
+    return PhotoInfo(fmt, height, width) if rotated else PhotoInfo(fmt, width, height)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) from the header; a PNG's `getexif()` would decode the pixels to
+    look past IDAT, so a PNG's comes from an eXIf chunk before its pixels only."""
+    if image.format != "PNG":
+        return int(image.getexif().get(0x0112, 1))
+    exif = Image.Exif()
+    if image.info.get("exif"):
+        exif.load(image.info["exif"])
+    return int(exif.get(0x0112, 1))
 
 
 def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:

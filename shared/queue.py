@@ -9,23 +9,50 @@ of worker (`services/<service>/worker.py`):
     outpaint  ControlNet out-painting for CAD generation                       GPU
     index     ingesting a collection into Milvus, one batch of photos a task   CPU
 
-Every task is idempotent (its output key derives from its input), so messages are acknowledged
-late and re-queued when a worker dies mid-task (`acks_late`, `reject_on_worker_lost`); a task
-killed with its whole worker comes back after the Redis visibility timeout, which settings keep
-longer than the hard time limit. Arguments are ids and object keys, JSON only; results live in the
-object store and job records in Redis (`shared/jobs.py`), so Celery keeps no results.
+Delivery, and why it is safe. Every task is idempotent: its outputs go to keys derived from its
+input, so running it again rewrites the same objects. Messages are acknowledged late
+(`acks_late`): only after the task returned, its outputs were written and the next message of
+its chain was sent. A task whose pool process dies is re-queued at once
+(`reject_on_worker_lost`). A task whose whole worker is gone (SIGKILL, lost node) stays in Redis
+unacknowledged until its lease runs out: each worker renews, every few seconds, the lease of
+every message it holds (`shared/leases.py`), and any live worker returns to their queue the
+messages whose lease is older than the visibility timeout (kombu's own `restore_visible`, run
+every `visibility_timeout / 6` s). So a dead worker's tasks come back within about 35 s (30 s
+lease by default), while a live worker keeps a task for as long as it runs.
+
+At least once, never done twice: a message can be delivered again (its worker died after the
+work but before the acknowledgement; its worker missed four lease renewals in a row; Redis lost
+its last second of writes), and then the stage runs again and writes the same objects. What a
+job reports cannot change: job records (`shared/jobs.py`) move by atomic scripts whose end
+states are final, a stage skips a job that has ended (`shared.worker.run_stage`), and only the
+first `succeed` of a job takes effect, so one job gets one result, however often its tasks ran.
+
+Broker outages: workers reconnect forever (`broker_connection_max_retries=None`); tasks running
+when the connection drops are cancelled (they could not be acknowledged) and come back through
+their leases (`ProCropConsumer`, `SettleRequest`: tidying up or acknowledging on the dead
+connection never stops the worker); messages a task sends retry for about a minute before the
+task gives up; with Redis's append-only file (`deploy/redis/redis.conf`) queued and
+unacknowledged messages and job records survive a restart. Arguments are ids and object keys, JSON only; results live in the
+object store and job records in Redis, so Celery keeps no results.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
+from celery.worker.consumer import Consumer
+from celery.worker.request import Request
 from kombu import Queue
 
+from shared.leases import LeaseKeeper
 from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 QUEUES = ("embed", "retrieve", "crop", "outpaint", "index")
 GPU_QUEUES = frozenset({"embed", "crop", "outpaint"})  # one task at a time per process
@@ -33,8 +60,12 @@ GPU_QUEUES = frozenset({"embed", "crop", "outpaint"})  # one task at a time per 
 EMBED = "procrop.embed.features"
 RETRIEVE = "procrop.retrieve.neighbors"
 CROP = "procrop.crop.predict"
+CROP_BATCH = "procrop.crop.batch"  # many photos by object key -> JSON lines (pseudo-label rounds)
 INDEX_PLAN = "procrop.index.plan"
 INDEX_BATCH = "procrop.index.batch"
+CAD_PLAN = "procrop.index.cad_plan"  # a CAD run's planner: lists the source, keeps items in flight
+CAD_DESCRIBE = "procrop.embed.cad_describe"  # one item: masks + description (SAM, BLIP)
+CAD_FILL = "procrop.outpaint.cad_fill"  # one item: out-paint + quality filter
 
 
 def queue_of(task_name: str) -> str:
@@ -53,11 +84,75 @@ def _route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **
         return None  # not ours: Celery's default queue
 
 
+class SettleRequest(Request):
+    """Celery's task request, but an acknowledgement (or rejection) that finds its broker
+    connection already closed does not stop the worker.
+
+    When Redis goes away, the consumer closes its connection and kombu sets the channel's
+    connection to None; a task that finishes after that acknowledges its message on that channel
+    and kombu raises AttributeError, which the worker treats as unrecoverable and exits (seen:
+    the index worker died at a Redis restart, and its runs stalled). Nothing is lost by not
+    acknowledging: the message is still Redis's unacknowledged one (or was restored to its queue
+    when the channel closed) and comes back through its lease; tasks are idempotent.
+    """
+
+    def acknowledge(self) -> None:
+        self._settle(super().acknowledge)
+
+    def reject(self, requeue: bool = False) -> None:
+        self._settle(functools.partial(super().reject, requeue))
+
+    def _settle(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except AttributeError:
+            channel = self.message.channel
+            if getattr(channel, "connection", None) is not None and channel.connection.client:
+                raise  # the channel is open: a real bug, not a closed connection
+            log.warning("task %s: broker connection closed before its acknowledgement; "
+                        "its lease brings the message back", self.id)  # fmt: skip
+            self.acknowledged = True
+
+
+class ProCropTask(Task):
+    Request = SettleRequest
+
+
+class ProCropConsumer(Consumer):
+    """Celery's consumer, but losing the broker under a running task does not stop the worker.
+
+    On a connection error Celery 5.7 collects the broken connection (which detaches its
+    transport from it) and then closes it. When the first close was cut short by the dead socket
+    (a BRPOP waiting: the index worker's prefetch of 4 leaves one open while a task runs), the
+    second restores the running task's message with no broker address left, kombu raises
+    AttributeError, which `ignore_errors` lets through, and the worker exits ("Unrecoverable
+    error"; seen in CI after the stack's Redis was SIGKILLed). That close only tidies a dead
+    connection: skipping it loses nothing, as the message is still Redis's unacknowledged one and
+    its lease brings it back.
+    """
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        connection = self.connection
+        if connection is not None:
+            close = connection.close
+
+            def close_broken() -> None:
+                try:
+                    close()
+                except AttributeError as error:
+                    log.warning("broken broker connection not closed cleanly (%s); the "
+                                "messages it held come back through their leases", error)  # fmt: skip
+
+            connection.close = close_broken  # what Celery's handler calls
+        super().on_connection_error_after_connected(exc)
+
+
 def create_app(settings: Settings) -> Celery:
     """A Celery app on `settings.queue.redis_url` with the project's routing and guarantees."""
     q = settings.queue
-    app = Celery("procrop", broker=q.redis_url, set_as_current=False)
+    app = Celery("procrop", broker=q.redis_url, set_as_current=False, task_cls=ProCropTask)
     app.conf.update(
+        worker_consumer=f"{__name__}:ProCropConsumer",
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
@@ -74,17 +169,29 @@ def create_app(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,  # a worker never gives up on its broker (default 100)
+        # What a task sends (the next stage of its chain, a retry) waits out about a minute of
+        # broker outage instead of ~1 s; the gateway passes its own, short policy.
+        task_publish_retry_policy=dict(
+            max_retries=60, interval_start=0, interval_step=0.5, interval_max=1
+        ),
         broker_transport_options={
-            "visibility_timeout": q.visibility_timeout_s,
-            # Scan for tasks of dead workers every few seconds (kombu's default is ~100 s).
-            "unacked_restore_interval": max(1, min(10, q.visibility_timeout_s // 10)),
+            "visibility_timeout": q.visibility_timeout_s,  # the lease: see shared/leases.py
+            # Return dead workers' tasks every few seconds (kombu's default is ~100 s).
+            "unacked_restore_interval": max(1, q.visibility_timeout_s // 6),
             "unacked_restore_throttle": 1,
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
             "health_check_interval": 25,
+            # One Redis list per queue, named as the queue: kombu would otherwise split a queue
+            # by message priority into `queue`, `queue\x06\x163`, ... lists, and an autoscaler
+            # watching the list `queue` (deploy/k8s, KEDA) would miss prioritised tasks.
+            "priority_steps": [0],
         },
         broker_pool_limit=64,  # the gateway sends from many threads
     )
+    app.steps["consumer"].add(LeaseKeeper)  # workers renew the leases of what they hold
     return app
 
 

@@ -1,19 +1,28 @@
 """Runtime configuration: one typed settings object, read from `PROCROP_*` environment variables.
 
 Nested fields use `__`: `PROCROP_STORAGE__BACKEND=s3`, `PROCROP_MILVUS__URI=http://milvus:19530`.
-Invalid values fail at start with a `SettingsError` that names the environment variable.
+Invalid values fail with a `SettingsError` that names the environment variable.
+
+Each command validates what it uses: `load_settings(only=...)` checks the named top-level fields
+("storage", "queue", "api_keys"...) at once, and defers the others, so `procrop crop` runs with a
+bad `PROCROP_QUEUE__REDIS_URL` it never reads. A deferred field that is invalid raises its
+`SettingsError` when it is first read. Services check their own fields at start
+(`Settings.check`: the gateway in `create_app`, workers in `procrop worker`), so they still fail
+fast. `load_settings()` with no `only` checks everything, as before.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -25,7 +34,7 @@ from shared.errors import SettingsError
 
 ENV_PREFIX = "PROCROP_"
 MIN_API_KEY_LENGTH = 16
-_SECRET_FIELDS = {"api_keys", "secret_key", "token"}
+_SECRET_FIELDS = {"api_keys", "secret_key", "token", "chat_api_key"}
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -40,6 +49,9 @@ class StorageSettings(BaseModel):
     bucket: str = "procrop"
     secure: bool = False  # https when true
     region: str | None = None
+    # Buckets other than `bucket` that tenants' index jobs may read (comma-separated); none by
+    # default: the S3 credential may read more than a tenant should (shared/ownership.py).
+    index_buckets: str = ""
 
     @field_validator("endpoint")
     @classmethod
@@ -57,6 +69,19 @@ class StorageSettings(BaseModel):
         if not _BUCKET.fullmatch(value):
             raise ValueError("an S3 bucket name: 3-63 lowercase letters, digits, '.' or '-'")
         return value
+
+    @field_validator("index_buckets")
+    @classmethod
+    def _bucket_names(cls, value: str) -> str:
+        for name in value.split(","):
+            if name.strip() and not _BUCKET.fullmatch(name.strip()):
+                raise ValueError("comma-separated S3 bucket names")
+        return value
+
+    @property
+    def index_bucket_set(self) -> frozenset[str]:
+        """`index_buckets` as a set of names."""
+        return frozenset(b.strip() for b in self.index_buckets.split(",") if b.strip())
 
 
 class MilvusSettings(BaseModel):
@@ -103,8 +128,9 @@ class QueueSettings(BaseModel):
     # about 5 minutes, one batch of an indexing job well under that.
     time_limit_s: int = Field(default=900, ge=1)
     soft_time_limit_s: int = Field(default=840, ge=1)
-    # An unacknowledged task comes back after this long (its worker died): longer than any task.
-    visibility_timeout_s: int = Field(default=3600, ge=1)
+    # The lease of a delivered task (shared/leases.py): its worker renews it while it lives, so a
+    # dead worker's tasks go back to their queues after about this long, however long tasks run.
+    visibility_timeout_s: int = Field(default=30, ge=5, le=3600)
     max_retries: int = Field(default=5, ge=0)  # transient failures (Redis, S3, Milvus hiccups)
     retry_backoff_max_s: int = Field(default=60, ge=1)
     concurrency: int = Field(default=1, ge=1, le=64)  # processes per worker; 1 per GPU
@@ -113,6 +139,10 @@ class QueueSettings(BaseModel):
     pool: Literal["prefork", "solo"] = "prefork"
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # how long job records are kept
     index_batch: int = Field(default=256, ge=1, le=10_000)  # photos per indexing task
+    # Prometheus metrics of a worker's tasks (shared/worker_metrics.py) on this port; 0: off (the
+    # local stack runs several workers on one host). Kubernetes pods set 9464 and host 0.0.0.0.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("redis_url")
     @classmethod
@@ -123,11 +153,10 @@ class QueueSettings(BaseModel):
 
     @model_validator(mode="after")
     def _limits_in_order(self) -> QueueSettings:
-        if not self.soft_time_limit_s <= self.time_limit_s < self.visibility_timeout_s:
+        if not self.soft_time_limit_s <= self.time_limit_s:
             raise ValueError(
-                "need soft_time_limit_s <= time_limit_s < visibility_timeout_s (a task must end "
-                f"before Redis hands it to another worker), got {self.soft_time_limit_s}, "
-                f"{self.time_limit_s}, {self.visibility_timeout_s}"
+                "need soft_time_limit_s <= time_limit_s (the soft limit warns a task before the "
+                f"hard one kills it), got {self.soft_time_limit_s}, {self.time_limit_s}"
             )
         return self
 
@@ -143,6 +172,57 @@ class GatewaySettings(BaseModel):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+class CadSettings(BaseModel):
+    """CAD dataset generation (services/outpainter): canvases, description, masks, fill, filter.
+
+    The quality filter's thresholds are documented with `services.outpainter.quality`.
+    """
+
+    canvas_min: int = Field(default=700, ge=64, le=4096)  # canvas sides are drawn in this range
+    canvas_max: int = Field(default=1024, ge=64, le=4096)
+    # The placed photo's size as a share of the largest size that fits the canvas.
+    scale_min: float = Field(default=0.55, gt=0, le=1)
+    scale_max: float = Field(default=0.9, gt=0, le=1)
+    min_photo_side: int = Field(default=128, ge=16)  # smaller photos are reported, not used
+    describer: Literal["layout", "lm", "chat"] = "layout"  # lm / chat: BLIP caption + a LM
+    language_model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # describer "lm": hub id or local folder
+    chat_url: str | None = None  # describer "chat": an OpenAI-compatible base URL (.../v1)
+    chat_model: str = "gpt-4o-mini"
+    chat_api_key: SecretStr = SecretStr("")
+    max_new_tokens: int = Field(default=48, ge=1, le=512)
+    masks: Literal["segments", "sam"] = "segments"  # segments: scikit-image, no weights
+    mask_scales: int = Field(default=2, ge=1, le=4)
+    outpainter: Literal["lite", "controlnet"] = "lite"  # lite: OpenCV in-painting on a CPU
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id or local folder
+    controlnet_inpaint: str = "lllyasviel/control_v11p_sd15_inpaint"
+    controlnet_seg: str | None = "lllyasviel/control_v11p_sd15_seg"  # None: inpaint control only
+    steps: int = Field(default=30, ge=1, le=200)
+    guidance_scale: float = Field(default=7.5, ge=0)
+    work_side: int = Field(default=512, ge=64, le=2048)  # the diffusion model's canvas long side
+    dtype: Literal["auto", "float16", "float32"] = "auto"  # auto: float16 on a GPU
+    device: str = "auto"
+    batch_size: int = Field(default=4, ge=1, le=64)
+    # Quality filter (see services/outpainter/quality.py for what each measures).
+    seam_max: float = Field(default=2.5, gt=0)
+    colour_max: float = Field(default=0.35, gt=0)
+    detail_min: float = Field(default=0.02, ge=0)
+    flat_min: float = Field(default=0.02, ge=0)
+    repeat_max: float = Field(default=0.6, gt=0, le=1)
+    # Runs: items (photo, variant) in flight at once, and the largest run a request may ask for.
+    max_in_flight: int = Field(default=32, ge=1, le=100_000)
+    max_variants: int = Field(default=16, ge=1, le=1000)
+    max_items: int = Field(default=10_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges_in_order(self) -> CadSettings:
+        if self.canvas_min > self.canvas_max or self.scale_min > self.scale_max:
+            raise ValueError(
+                "need canvas_min <= canvas_max and scale_min <= scale_max, got "
+                f"{self.canvas_min}, {self.canvas_max}, {self.scale_min}, {self.scale_max}"
+            )
+        return self
 
 
 class Settings(BaseSettings):
@@ -166,8 +246,32 @@ class Settings(BaseSettings):
     crop: CropSettings = CropSettings()
     queue: QueueSettings = QueueSettings()
     gateway: GatewaySettings = GatewaySettings()
+    cad: CadSettings = CadSettings()
     # Gateway API keys, comma-separated; clients send `Authorization: Bearer KEY`.
     api_keys: SecretStr = SecretStr("")
+    # Fields whose values were invalid and not checked yet: field -> the problem, raised on use.
+    _deferred: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    if not TYPE_CHECKING:  # at run time only: mypy keeps checking attribute names
+
+        def __getattribute__(self, name: str) -> Any:
+            if name in _FIELDS:
+                deferred = object.__getattribute__(self, "__pydantic_private__") or {}
+                problem = deferred.get("_deferred", {}).get(name)
+                if problem:
+                    raise SettingsError(f"invalid settings: {problem}")
+            return super().__getattribute__(name)
+
+    def check(self, *fields: str) -> Settings:
+        """Raise the `SettingsError` of any of `fields` (top-level names; none: all) that is
+        invalid; returns self. Services call it at start for the fields they use."""
+        deferred: dict[str, str] = object.__getattribute__(self, "__pydantic_private__")[
+            "_deferred"
+        ]
+        problems = [p for f, p in deferred.items() if not fields or f in fields]
+        if problems:
+            raise SettingsError(f"invalid settings: {'; '.join(problems)}")
+        return self
 
     @field_validator("home")
     @classmethod
@@ -212,19 +316,40 @@ def _shown(loc: tuple[int | str, ...], value: object) -> str:
     return "a hidden value" if secret else repr(value)
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment (and keyword overrides); raise `SettingsError` if invalid."""
+def load_settings(only: Iterable[str] | None = None, **overrides: object) -> Settings:
+    """Read settings from the environment (and keyword overrides).
+
+    Args:
+        only: top-level fields to check now ("storage", "queue", "api_keys"...); an invalid
+            other field is deferred (its default in its place, its `SettingsError` raised when it
+            is read). None: check every field.
+    Raises:
+        SettingsError: naming each invalid variable that is checked, on one line.
+    """
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{_env_name(err['loc'])}: {err['msg']} (got {_shown(err['loc'], err.get('input'))})"
-            for err in exc.errors()
+        problems: dict[str, list[str]] = {}
+        for err in exc.errors():
+            shown = _shown(err["loc"], err.get("input"))
+            problems.setdefault(str(err["loc"][0]), []).append(
+                f"{_env_name(err['loc'])}: {err['msg']} (got {shown})"
+            )
+    checked = list(problems) if only is None else [f for f in problems if f in set(only)]
+    if checked:
+        raise SettingsError(
+            f"invalid settings: {'; '.join(p for f in checked for p in problems[f])}"
         )
-        raise SettingsError(f"invalid settings: {problems}") from None
+    defaults = {name: Settings.model_fields[name].get_default() for name in problems}
+    settings = Settings(**{**overrides, **defaults})
+    settings._deferred = {name: "; ".join(found) for name, found in problems.items()}
+    return settings
 
 
 @functools.cache
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
-    return load_settings()
+    """The process-wide settings, read once; a service checks the fields it uses at start."""
+    return load_settings(only=())
+
+
+_FIELDS = frozenset(Settings.model_fields)

@@ -10,6 +10,8 @@ times it, and sorts failures into three kinds:
 - anything else (a bug): the job fails with a short reason; the traceback goes to the worker log.
 
 Models load once per worker process, after the fork (`load_after_fork`), never in the parent.
+With `PROCROP_QUEUE__METRICS_PORT` set, the worker serves Prometheus metrics of its tasks and
+stages (`shared/worker_metrics.py`).
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import redis
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from shared import worker_metrics
 from shared.errors import (
     CollectionNotFoundError,
     IncompatibleCollectionError,
@@ -44,7 +47,7 @@ from shared.errors import (
     one_line,
 )
 from shared.jobs import JobStore
-from shared.queue import GPU_QUEUES, worker_app, worker_name
+from shared.queue import GPU_QUEUES, queue_of, worker_app, worker_name
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStore, build_object_store
 
@@ -94,23 +97,29 @@ def run_stage(task: Task, job_id: str, stage: str, work: Callable[[], T]) -> T:
         _retry_or_fail(task, job_id, stage, exc)
     if not proceed:
         log.info("job %s is over: %s skipped", job_id, stage)
+        worker_metrics.mark_outcome(task, "cancelled")
         raise Ignore()  # the rest of the chain is dropped too
     started = time.perf_counter()
     try:
         out = work()
     except BAD_INPUT as exc:
         store.fail(job_id, one_line(exc))
+        worker_metrics.mark_outcome(task, "bad_input")
         raise Ignore() from None
     except TRANSIENT as exc:
         _retry_or_fail(task, job_id, stage, exc)
     except SoftTimeLimitExceeded:
         store.fail(job_id, f"{stage} took longer than {get_settings().queue.soft_time_limit_s} s")
+        worker_metrics.mark_outcome(task, "timed_out")
         raise Ignore() from None
     except Exception as exc:
         log.exception("job %s: %s failed", job_id, stage)
         store.fail(job_id, f"internal error in {stage}: {type(exc).__name__}")
+        worker_metrics.mark_outcome(task, "error")
         raise Ignore() from None
-    store.finish_stage(job_id, stage, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    store.finish_stage(job_id, stage, seconds)
+    worker_metrics.observe_stage(queue_of(task.name), stage, seconds)
     return out
 
 
@@ -122,15 +131,29 @@ def chain_stage(
     return {**message, output: run_stage(task, message["job_id"], stage, work)}
 
 
-def _retry_or_fail(task: Task, job_id: str, stage: str, exc: Exception) -> None:
+def _retry_or_fail(task: Task, job_id: str, stage: str, exc: Exception) -> NoReturn:
     q = get_settings().queue
     attempt = task.request.retries
     if attempt >= q.max_retries:
         jobs().fail(job_id, f"{stage} failed {attempt + 1} times: {one_line(exc)}")
+        worker_metrics.mark_outcome(task, "gave_up")
         raise Ignore() from None
     delay = min(q.retry_backoff_max_s, 2**attempt)
     log.warning("job %s: %s failed (%s); retry %d in %d s", job_id, stage, exc, attempt + 1, delay)
-    raise task.retry(countdown=delay, max_retries=q.max_retries) from None
+    retry_later(task, delay, q.max_retries)
+
+
+def retry_later(task: Task, countdown: float, max_retries: int | None, **options: Any) -> NoReturn:
+    """`task.retry`, except when the retry cannot be sent (the broker is gone): Celery then
+    rejects the message without requeueing it, and the work would be lost for good (a CAD run's
+    planner pass at a Redis restart). Here the message goes back to its queue instead; delivered
+    again once the broker is back, it retries from the start. `options` reach the retry's
+    `apply_async`."""
+    try:
+        raise task.retry(countdown=countdown, max_retries=max_retries, **options)
+    except Reject as rejected:
+        log.warning("%s: its retry could not be sent (%s); requeued", task.name, rejected.reason)
+        raise Reject(rejected.reason, requeue=True) from None
 
 
 def load_after_fork(loader: Callable[[], Any]) -> None:
@@ -159,10 +182,17 @@ _serving: tuple[str, int] | None = None  # (queue, worker pid) of this process's
 
 
 def run_worker(queue: str, settings: Settings | None = None) -> None:
-    """Start a Celery worker consuming `queue` (blocks until it is stopped)."""
+    """Start a Celery worker consuming `queue` (blocks until it is stopped).
+
+    SIGTERM (`docker stop`, a pod's deletion) is Celery's warm shutdown: the worker stops taking
+    messages, finishes its running task within the time limits, and returns messages it had
+    reserved but not started to the queue (acknowledged late), so a scale-down loses no task.
+    """
     global _serving
     _serving = (queue, os.getpid())  # pool processes inherit it
     settings = settings or get_settings()
+    if settings.queue.metrics_port:
+        worker_metrics.serve(settings.queue.metrics_host, settings.queue.metrics_port)
     argv = [
         "worker",
         f"--queues={queue}",

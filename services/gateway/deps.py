@@ -18,6 +18,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from shared.jobs import JobStore
+from shared.ownership import UploadOwners
 from shared.queue import create_app
 from shared.settings import Settings
 from shared.storage import ObjectStore, build_object_store
@@ -32,6 +33,7 @@ class Clients:
     store: ObjectStore
     celery: Celery
     redis_async: aioredis.Redis
+    uploads: UploadOwners  # who sent which photo (shared/ownership.py)
     key_digests: list[str] = field(default_factory=list)  # sha256 of each API key
     _index: Any = None
     _index_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -42,9 +44,11 @@ class Clients:
         redis_async = aioredis.Redis.from_url(
             q.redis_url, decode_responses=True, socket_connect_timeout=5
         )
+        jobs = JobStore.from_url(q.redis_url, q.job_ttl_s)
         return cls(
             settings=settings,
-            jobs=JobStore.from_url(q.redis_url, q.job_ttl_s),
+            jobs=jobs,
+            uploads=UploadOwners(jobs.redis, q.job_ttl_s),
             store=build_object_store(settings),
             celery=create_app(settings),
             redis_async=redis_async,

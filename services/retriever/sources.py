@@ -60,3 +60,27 @@ def _s3_photos(source: str, settings: Settings) -> list[PhotoRef]:
         for key in store.list(base)
         if is_image_name(key)
     ]
+
+
+def photo_page(
+    source: str, settings: Settings, start_after: str, limit: int
+) -> tuple[list[PhotoRef], bool]:
+    """Up to `limit` photos of `source` named after `start_after`, in name order, and whether the
+    source ends there. Pages through S3 with `start_after`, so a planner never lists it whole."""
+    if not source.startswith("s3://"):
+        refs = [ref for ref in list_photos(source, settings) if ref.name > start_after]
+        return refs[:limit], len(refs) <= limit
+    store, base = _s3_source(source, settings)
+    found: list[PhotoRef] = []
+    after = base + start_after if start_after else ""
+    while len(found) < limit:
+        keys = store.list_page(base, after, limit)
+        found += [
+            PhotoRef(k[len(base) :], store.uri(k), partial(store.get, k))
+            for k in keys
+            if is_image_name(k)
+        ]
+        if len(keys) < limit:
+            return found[:limit], len(found) <= limit
+        after = keys[-1]
+    return found[:limit], False

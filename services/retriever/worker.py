@@ -8,7 +8,9 @@ their tokens (object store) and crops, written to `jobs/{job}/neighbors.safetens
 (K, 64, T) f32, crops (K, 4) normalized xyxy, has_crop (K,). The collection is
 PROCROP_CROP__COLLECTION, or else the crop model's own bundled index, installed into Milvus once.
 
-Index: a plan task lists the source once (`jobs/{job}/plan.json`) and fans out one task per batch
+Index: every task first re-checks the job against its owner (`shared/ownership.py`: a tenant
+writes only its own `t{owner}_{name}` collections, never the crop model's, from sources it may
+read). A plan task lists the source once (`jobs/{job}/plan.json`) and fans out one task per batch
 of `PROCROP_QUEUE__INDEX_BATCH` photos; ingestion skips photos already in the collection, so a
 redelivered batch adds nothing twice. Each batch reports to `jobs/{job}/parts/{i}.json`; the
 batch that completes the job merges them into `jobs/{job}/report.json`.
@@ -29,9 +31,10 @@ from services.retriever.search import Retriever
 from services.retriever.token_store import TokenStore
 from shared.checkpoints import ModelCard, model_location, read_model_card
 from shared.errors import ProCropError
+from shared.ownership import OwnershipError, check_index_params
 from shared.queue import INDEX_BATCH, INDEX_PLAN, RETRIEVE, worker_app
 from shared.settings import get_settings
-from shared.storage.keys import check_collection_name, job_key
+from shared.storage.keys import job_key
 from shared.vector_index import VectorIndex, open_index
 from shared.worker import (
     chain_stage,
@@ -108,8 +111,7 @@ def plan_index(job_id: str) -> int:
     """List the job's source once, record the plan, fan out one task per batch; returns batches."""
     from services.retriever.sources import list_photos
 
-    params = jobs().get(job_id).params
-    check_collection_name(params["collection"])
+    params = _index_params(job_id)
     names = [ref.name for ref in list_photos(params["source"], get_settings())]
     if not names:
         raise ValueError(f"{params['source']}: no JPEG, PNG or WebP photos found")
@@ -128,7 +130,7 @@ def index_batch_photos(job_id: str, batch: int) -> None:
     from services.retriever.sources import photo_refs
 
     settings, store = get_settings(), object_store()
-    params = jobs().get(job_id).params
+    params = _index_params(job_id)
     names = json.loads(store.get(job_key(job_id, "plan.json")))["batches"][batch]
     encoder = build_encoder(settings.embedder, params.get("encoder"))
     ingestor = Ingestor(
@@ -141,6 +143,18 @@ def index_batch_photos(job_id: str, batch: int) -> None:
     if done >= total:
         vector_index().flush(params["collection"])
         jobs().succeed(job_id, _merge_reports(job_id))
+
+
+def _index_params(job_id: str) -> dict[str, Any]:
+    """The job's parameters, re-checked as the gateway checked them (a task may have been put on
+    the queue by hand): the owner's own collection, never the crop model's, and a source and
+    annotations it may read (shared/ownership.py). OwnershipError fails the job."""
+    job, settings = jobs().get(job_id), get_settings()
+    check_index_params(job.owner, job.params, settings.storage.bucket,
+                       settings.storage.index_bucket_set)  # fmt: skip
+    if job.params["collection"] == settings.crop.collection:
+        raise OwnershipError(f"collection {job.params['collection']!r} is the crop model's index")
+    return job.params
 
 
 def _annotations(params: dict[str, Any]) -> Any:
@@ -189,6 +203,8 @@ def _load() -> None:
 def main(queue: str = "retrieve") -> None:
     if queue == "retrieve":  # only retrieval needs the crop model's index at hand
         load_after_fork(_load)
+    else:
+        import services.outpainter.worker  # noqa: F401  (CAD runs' planner is an index task)
     run_worker(queue)
 
 

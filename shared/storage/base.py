@@ -7,7 +7,8 @@ an existing object atomically: a reader sees the old bytes or the new, never a m
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from itertools import islice
 
 from shared.errors import StorageError
 
@@ -38,6 +39,11 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
         """Yield every key starting with `prefix`, in lexicographic order."""
+
+    def list_page(self, prefix: str, start_after: str, limit: int) -> Sequence[str]:
+        """Up to `limit` keys starting with `prefix` that sort after `start_after`, in order:
+        walks a large prefix in pages without holding its whole listing."""
+        return list(islice((k for k in self.list(prefix) if k > start_after), limit))
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

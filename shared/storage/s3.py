@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from typing import TypeVar
 
 import urllib3
@@ -85,8 +86,15 @@ class S3ObjectStore(ObjectStore):
         if not exists:
             if not self._create_bucket:
                 raise ObjectNotFoundError(f"no bucket {self.bucket!r} on S3 at {self.endpoint}")
-            self._call("bucket creation", "", lambda: self.client.make_bucket(self.bucket))
+            self._call("bucket creation", "", self._make_bucket)
         self._bucket_checked = True
+
+    def _make_bucket(self) -> None:
+        try:
+            self.client.make_bucket(self.bucket)
+        except S3Error as exc:  # a concurrent first request made it (8 uploads at once got 503s)
+            if exc.code != "BucketAlreadyOwnedByYou":
+                raise
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         check_key(key)
@@ -127,6 +135,17 @@ class S3ObjectStore(ObjectStore):
             "listing", prefix, lambda: list(self.client.list_objects(self.bucket, prefix, True))
         )
         yield from sorted(obj.object_name for obj in objects if obj.object_name)
+
+    def list_page(self, prefix: str, start_after: str, limit: int) -> Sequence[str]:
+        self._ensure_bucket()
+
+        def page() -> list[str]:  # S3 lists in key order; minio pages lazily, 1,000 a request
+            objects = self.client.list_objects(
+                self.bucket, prefix, recursive=True, start_after=start_after or None
+            )
+            return [o.object_name for o in islice(objects, limit) if o.object_name]
+
+        return self._call("listing", prefix, page)
 
     def delete(self, key: str) -> None:
         check_key(key)

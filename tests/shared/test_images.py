@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from shared.errors import InvalidImageError
-from shared.images import content_hash, decode_image, is_image_name, load_image
+from shared.images import check_photo, content_hash, decode_image, is_image_name, load_image
 
 ORIENTATION = 0x0112
 
@@ -197,3 +197,66 @@ def test_content_hash_is_stable_sha256() -> None:
 )  # fmt: skip
 def test_is_image_name(name: str, expected: bool) -> None:
     assert is_image_name(name) is expected
+
+
+# --- check_photo: the gateway's bounded check ---------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_check_photo_agrees_with_decode(fmt: str, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    data = _encode(_noise(64, 40), fmt, exif=exif.tobytes())
+    info = check_photo(data, "p", 10_000)
+    assert (info.width, info.height) == decode_image(data, "p").size  # upright, as decoded
+    assert info.format == fmt
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_check_photo_refuses_truncated_photos(fmt: str) -> None:
+    data = _encode(_noise(256, 192), fmt)
+    with pytest.raises(InvalidImageError, match=r"^p: "):
+        check_photo(data[: len(data) * 2 // 3], "p")
+
+
+def test_check_photo_refuses_over_the_pixel_cap_and_non_photos() -> None:
+    with pytest.raises(InvalidImageError, match="over the limit"):
+        check_photo(_encode(_noise(64, 40), "PNG"), "p", 64 * 40 - 1)
+    for data in (b"", b"GIF89a" + b"\0" * 64, _encode(_noise(8, 8), "GIF")):
+        with pytest.raises(InvalidImageError):
+            check_photo(data, "p")
+
+
+_PEAK_RSS = """
+import sys
+from pathlib import Path
+from shared.images import {fn}
+data = Path(sys.argv[1]).read_bytes()
+def peak():
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+before = peak()
+{fn}(data, "big")
+print(peak() - before)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_check_photo_memory_does_not_grow_with_pixels(fmt: str, tmp_path: Path) -> None:
+    """A 7000 x 7000 photo (147 MB of pixels; 160 KB as a PNG) is checked in a few MB, measured
+    as the growth of a fresh process's peak resident memory (PIL's buffers are C memory)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big"
+    path.write_bytes(_encode(Image.new("RGB", (7000, 7000), (200, 120, 40)), fmt))
+
+    def growth(fn: str) -> int:
+        code = _PEAK_RSS.format(fn=fn)
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                             text=True, check=True, timeout=60)  # fmt: skip
+        return int(out.stdout)
+
+    assert growth("check_photo") < 16 * 2**20
+    assert growth("decode_image") > 100 * 2**20  # what the gateway paid before

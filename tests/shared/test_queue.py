@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,7 +99,7 @@ runs = redis.Redis.from_url(os.environ["PROCROP_QUEUE__REDIS_URL"])
 def slow(token):
     first = runs.incr("test:runs") == 1
     runs.rpush("test:started", os.getpid())
-    time.sleep(600 if first else 0)
+    time.sleep(float(os.environ.get("TEST_FIRST_RUN_S", "600")) if first else 0)
     runs.rpush("test:done", os.getpid())
 
 run_worker("embed")
@@ -168,6 +168,89 @@ def test_delivery_survives_a_dead_worker(
         broker.close()
 
 
+class Workers:
+    """Real workers (`WORKER` above, each in its own process group) on the broker `url`."""
+
+    def __init__(self, url: str, tmp_path: Path, env: dict[str, str]) -> None:
+        self.script, self.logs = tmp_path / "worker.py", tmp_path / "workers.log"
+        self.script.write_text(f"SLOW_TASK = {SLOW_TASK!r}\n{WORKER}")
+        path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]  # this checkout's code
+        self.env = {**os.environ, **env, "PROCROP_QUEUE__REDIS_URL": url,
+                    "PYTHONPATH": os.pathsep.join(path)}  # fmt: skip
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.logs.open("ab") as out:
+            worker = subprocess.Popen(
+                [sys.executable, str(self.script)], cwd=REPO, stdout=out, stderr=out,
+                env=self.env, start_new_session=True,
+            )  # fmt: skip
+        self.procs.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.procs:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=10)
+
+
+@pytest.fixture
+def broker(redis_server: ServerProcess) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server.port, db=5, decode_responses=True)
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def _url(broker: redis.Redis) -> str:
+    kwargs = broker.connection_pool.connection_kwargs
+    return f"redis://127.0.0.1:{kwargs['port']}/{kwargs['db']}"
+
+
+def _send_slow(url: str) -> None:
+    create_app(load_settings(queue={"redis_url": url})).send_task(SLOW_TASK, args=["t1"])
+
+
+def test_a_live_worker_keeps_a_task_that_outlasts_its_lease(
+    broker: redis.Redis, tmp_path: Path
+) -> None:
+    """A task three times as long as the lease (6 s) runs once, with a second worker idle
+    beside it: its worker renews the lease, so nobody takes the message back."""
+    lease = {"PROCROP_QUEUE__VISIBILITY_TIMEOUT_S": "6", "TEST_FIRST_RUN_S": "18"}
+    workers = Workers(_url(broker), tmp_path, lease)
+    try:
+        _send_slow(_url(broker))
+        workers.start()
+        _wait_for(lambda: broker.lrange("test:started", 0, -1), 30, "task run", workers.logs)
+        workers.start()  # idle, consuming the same queue, restoring expired leases
+        _wait_for(lambda: broker.lrange("test:done", 0, -1), 40, "finished run", workers.logs)
+        time.sleep(2)  # a duplicate would have started by now
+        assert broker.llen("test:started") == 1 and broker.llen("test:done") == 1
+        assert _acked_soon(broker)
+    finally:
+        workers.stop()
+
+
+def test_a_dead_workers_task_returns_within_a_minute(broker: redis.Redis, tmp_path: Path) -> None:
+    """Default settings: the whole worker (process group) SIGKILLed mid-task; the other worker
+    runs the task to the end within 60 s (the lease, not the old one-hour timeout)."""
+    workers = Workers(_url(broker), tmp_path, {})
+    try:
+        _send_slow(_url(broker))
+        first = workers.start()
+        _wait_for(lambda: broker.lrange("test:started", 0, -1), 30, "task run", workers.logs)
+        workers.start()
+        time.sleep(3)  # the second worker is up, idle
+        os.killpg(first.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _wait_for(lambda: broker.lrange("test:done", 0, -1), 60, "redelivered run", workers.logs)
+        assert time.monotonic() - killed < 60
+        assert broker.llen("test:started") == 2 and _acked_soon(broker)
+    finally:
+        workers.stop()
+
+
 def _acked_soon(broker: redis.Redis, timeout_s: float = 5) -> bool:
     """The finished run is acknowledged (just after its task returned)."""
     deadline = time.monotonic() + timeout_s
@@ -176,10 +259,22 @@ def _acked_soon(broker: redis.Redis, timeout_s: float = 5) -> bool:
     return broker.hlen("unacked") == 0
 
 
-def test_visibility_timeout_outlasts_the_slowest_task(app: Celery) -> None:
+def test_the_lease_is_short_and_dead_workers_are_looked_for_often(app: Celery) -> None:
+    """The visibility timeout is a lease renewed by live workers (shared/leases.py), so it can
+    be far shorter than the slowest task; kombu looks for expired leases every few seconds."""
     options = app.conf.broker_transport_options
-    assert options["visibility_timeout"] == 300
-    assert options["visibility_timeout"] > app.conf.task_time_limit
+    assert options["visibility_timeout"] == 300 < 60 * 60
+    assert options["unacked_restore_interval"] == 50 and options["unacked_restore_throttle"] == 1
+    default = create_app(load_settings()).conf.broker_transport_options
+    assert default["visibility_timeout"] + default["unacked_restore_interval"] <= 40
+
+
+def test_workers_never_give_up_on_the_broker(app: Celery) -> None:
+    assert app.conf.broker_connection_retry is True
+    assert app.conf.broker_connection_max_retries is None  # Celery's default gives up after 100
+    assert app.conf.worker_cancel_long_running_tasks_on_connection_loss is True
+    policy = app.conf.task_publish_retry_policy  # a chain's next stage waits out ~a minute
+    assert policy["max_retries"] * policy["interval_max"] >= 60
 
 
 def test_broker_is_the_configured_redis(redis_server: ServerProcess) -> None:
@@ -221,22 +316,19 @@ def test_every_queue_is_declared(app: Celery) -> None:
     assert set(app.amqp.queues) == set(QUEUES)
 
 
-@pytest.mark.parametrize(
-    "queue",
-    [
-        {"time_limit_s": 600, "soft_time_limit_s": 500, "visibility_timeout_s": 600},
-        {"time_limit_s": 900, "soft_time_limit_s": 800, "visibility_timeout_s": 300},
-        {"time_limit_s": 100, "soft_time_limit_s": 200, "visibility_timeout_s": 300},
-    ],
-)
-def test_limits_out_of_order_are_refused(queue: dict[str, int]) -> None:
+def test_limits_out_of_order_are_refused() -> None:
     with pytest.raises(SettingsError, match="PROCROP_QUEUE") as info:
-        load_settings(queue=queue)
-    assert "visibility_timeout_s" in str(info.value)
+        load_settings(queue={"time_limit_s": 100, "soft_time_limit_s": 200})
+    assert "soft_time_limit_s <= time_limit_s" in str(info.value)
+
+
+def test_tasks_may_outlast_the_lease() -> None:
+    queue = load_settings(queue={"time_limit_s": 4000, "soft_time_limit_s": 3900}).queue
+    assert queue.visibility_timeout_s == 30 < queue.time_limit_s
 
 
 def test_limits_from_the_environment_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PROCROP_QUEUE__TIME_LIMIT_S", "4000")
+    monkeypatch.setenv("PROCROP_QUEUE__SOFT_TIME_LIMIT_S", "4000")
     with pytest.raises(SettingsError, match="PROCROP_QUEUE"):
         load_settings()
 

@@ -146,3 +146,28 @@ def test_invalid_s3_names_refused_at_start(
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=variable):
         load_settings()
+
+
+def test_unchecked_fields_are_deferred_until_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROCROP_QUEUE__REDIS_URL", "http://not-redis")
+    monkeypatch.setenv("PROCROP_API_KEYS", "short")
+    monkeypatch.setenv("PROCROP_CROP__BATCH_SIZE", "4")
+    settings = load_settings(only=("crop",))
+    assert settings.crop.batch_size == 4  # valid fields keep their values
+    with pytest.raises(SettingsError, match="PROCROP_QUEUE__REDIS_URL"):
+        _ = settings.queue
+    with pytest.raises(SettingsError, match="PROCROP_API_KEYS"):
+        _ = settings.api_key_list  # properties read the field too
+    with pytest.raises(SettingsError, match="PROCROP_QUEUE__REDIS_URL") as info:
+        settings.check("queue", "crop")
+    assert "PROCROP_API_KEYS" not in str(info.value)  # only the fields asked for
+    assert settings.check("crop", "storage") is settings
+
+
+def test_checked_fields_fail_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROCROP_QUEUE__REDIS_URL", "http://not-redis")
+    monkeypatch.setenv("PROCROP_GATEWAY__PORT", "0")
+    with pytest.raises(SettingsError, match="PROCROP_GATEWAY__PORT") as info:
+        load_settings(only=("gateway",))
+    assert "PROCROP_QUEUE__REDIS_URL" not in str(info.value)
+    assert load_settings(only=("storage",)).storage.bucket == "procrop"

@@ -1,8 +1,17 @@
-"""Composition collections: POST /v1/collections/{name}/index starts an indexing job."""
+"""Composition collections: POST /v1/collections/{name}/index starts an indexing job.
+
+A collection of the API belongs to the tenant (API key) that indexes into it: `name` is stored as
+`t{owner}_{name}`, so no tenant reaches another's collections or the crop model's own index, and
+the source must be one the tenant may read. The rules, and the index worker's re-check of them,
+are in `shared/ownership.py`.
+"""
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 from fastapi import APIRouter, HTTPException, status
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -11,11 +20,15 @@ from services.gateway.jobs import send
 from services.gateway.metrics import JOBS
 from services.gateway.routes.crops import ERRORS
 from services.gateway.schemas import IndexRequest, JobAccepted
-from shared.errors import ProCropError
 from shared.jobs import Job
+from shared.ownership import (
+    NAME_PATTERN,
+    OwnershipError,
+    check_annotations_key,
+    index_source,
+    tenant_collection,
+)
 from shared.queue import INDEX_PLAN
-from shared.storage import check_key
-from shared.storage.keys import check_collection_name
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"])
 
@@ -27,42 +40,38 @@ router = APIRouter(prefix="/v1/collections", tags=["collections"])
     responses=ERRORS,
     summary="Index photos into a collection",
 )
-async def index(name: str, body: IndexRequest, clients: ClientsDep, owner: Owner) -> JSONResponse:
-    """Ingest every photo under `source` into collection `name` (created if missing; photos it
-    already holds are skipped). Follow the job, with its progress, at GET /v1/jobs/{job_id}."""
+async def index(
+    name: Annotated[str, PathParam(pattern=NAME_PATTERN, max_length=200)],
+    body: IndexRequest,
+    clients: ClientsDep,
+    owner: Owner,
+) -> JSONResponse:
+    """Ingest every photo under `source` into your collection `name` (created if missing; photos
+    it already holds are skipped). Collections are per API key: another key's `name` is another
+    collection. `source` is a prefix of the gateway's bucket outside its own areas (`uploads/`,
+    `jobs/`, `features/`, `datasets/`, `collections/`, `checkpoints/`), or `s3://bucket/prefix` of
+    a bucket in PROCROP_STORAGE__INDEX_BUCKETS. Follow the job at GET /v1/jobs/{job_id}."""
+    storage = clients.settings.storage
     try:
-        check_collection_name(name)
-        _check_source(body.source)
-        if body.annotations_key:
-            check_key(body.annotations_key)
-    except ProCropError as exc:
+        params = {
+            "collection": tenant_collection(owner, name), "name": name,
+            "source": index_source(body.source, storage.bucket, storage.index_bucket_set),
+            "encoder": body.encoder,
+            "annotations_key": _annotations(body.annotations_key),
+        }  # fmt: skip
+    except OwnershipError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    job = await run_in_threadpool(_enqueue, clients, owner, name, body)
+    job = await run_in_threadpool(_enqueue, clients, owner, params)
     accepted = JobAccepted(job_id=job.id, status=job.status)
     headers = {"Location": f"/v1/jobs/{job.id}"}
     return JSONResponse(accepted.model_dump(), status.HTTP_202_ACCEPTED, headers=headers)
 
 
-def _check_source(source: str) -> None:
-    """A non-empty prefix without '..' parts; not the gateway's own uploads or job outputs."""
-    prefix = source.strip().removeprefix("s3://")
-    if not prefix.strip("/"):
-        raise ProCropError("source: give a prefix of photos, e.g. 'pro/photos/'")
-    if source.strip().startswith("s3://"):
-        prefix = prefix.partition("/")[2]
-    if ".." in prefix.split("/") or (
-        prefix.split("/")[0] in ("uploads", "jobs", "features")
-        and not source.strip().startswith("s3://")
-    ):
-        raise ProCropError(f"source: {source!r} is not a prefix of photos to index")
+def _annotations(key: str | None) -> str | None:
+    return check_annotations_key(key) if key else None
 
 
-def _enqueue(clients: Clients, owner: str, name: str, body: IndexRequest) -> Job:
-    source = body.source.strip()
-    if not source.startswith("s3://"):  # a prefix of the gateway's own bucket
-        source = f"s3://{clients.settings.storage.bucket}/{source.lstrip('/')}"
-    params = {"collection": name, "source": source, "encoder": body.encoder,
-              "annotations_key": body.annotations_key}  # fmt: skip
+def _enqueue(clients: Clients, owner: str, params: dict[str, Any]) -> Job:
     job = clients.jobs.create("index", owner, params)
     send(clients, job, clients.celery.signature(INDEX_PLAN, args=(job.id,)))
     JOBS.labels("index").inc()

@@ -20,6 +20,7 @@ from services.gateway.deps import Clients, ClientsDep, Owner
 from services.gateway.jobs import owned_job, result_of, send, timings, wait_for
 from services.gateway.metrics import JOBS
 from services.gateway.schemas import (
+    RATIO_FIELD_CHARS,
     CropJob,
     CropMultipartForm,
     CropRequest,
@@ -30,14 +31,14 @@ from services.gateway.schemas import (
 )
 from services.gateway.uploads import checked_photo
 from shared.crop_request import check_crop_request
-from shared.errors import ObjectNotFoundError, StorageError
+from shared.errors import ObjectNotFoundError
 from shared.jobs import Job
 from shared.queue import CROP, EMBED, RETRIEVE
-from shared.storage import check_key
 
 router = APIRouter(prefix="/v1/crops", tags=["crops"])
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Error} for code in (400, 401, 404, 413, 415, 422)
+    **{code: {"model": Error} for code in (400, 401, 404, 413, 415, 422)},
+    503: {"model": Error, "description": "Redis, the broker, S3 or Milvus does not answer."},
 }
 _OPENAPI_BODY = {
     "requestBody": {
@@ -64,7 +65,7 @@ async def submit(request: Request, clients: ClientsDep, owner: Owner) -> Any:
     Answers 202 with the job id, or, when the job finishes within `wait` seconds, 200 with the
     job and its crops (the body of GET /v1/crops/{job_id})."""
     form = await _read_request(request)
-    photo = await _photo(clients, form)
+    photo = await _photo(clients, owner, form)
     job = await run_in_threadpool(_enqueue, clients, owner, form, photo)
     wait = min(form.wait, clients.settings.gateway.max_wait_s)
     if wait > 0:
@@ -134,15 +135,24 @@ async def _read_form(request: Request) -> CropMultipartForm:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, "field 'image' (a photo file) is required"
             )
-        ratios = [r.strip() for v in form.getlist("aspect_ratios") for r in str(v).split(",")]
+        raw = [str(v) for v in form.getlist("aspect_ratios")]
+        if any(len(v) > RATIO_FIELD_CHARS for v in raw):
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"aspect_ratios: at most {RATIO_FIELD_CHARS} characters per field",
+            )
+        ratios = [r.strip() for v in raw for r in v.split(",")]
         fields = {k: form.get(k) for k in ("n", "wait") if form.get(k) not in (None, "")}
         return CropMultipartForm.model_validate(
             {"image": await upload.read(), "aspect_ratios": [r for r in ratios if r], **fields}
         )
 
 
-async def _photo(clients: Clients, form: CropMultipartForm | CropRequest) -> dict[str, Any]:
-    """Check the request and its photo; store an uploaded photo. Returns `checked_photo`'s dict."""
+async def _photo(
+    clients: Clients, owner: str, form: CropMultipartForm | CropRequest
+) -> dict[str, Any]:
+    """Check the request and its photo; store an uploaded photo and record that `owner` sent it.
+    Returns `checked_photo`'s dict."""
     try:
         check_crop_request(form.n, form.aspect_ratios)
     except ValueError as exc:
@@ -152,22 +162,23 @@ async def _photo(clients: Clients, form: CropMultipartForm | CropRequest) -> dic
     if isinstance(form, CropMultipartForm):
         photo = await run_in_threadpool(checked_photo, form.image, "image", pixels, limit)
         await run_in_threadpool(clients.store.put, photo["key"], form.image, photo["mime"])
+        await run_in_threadpool(clients.uploads.record, owner, photo["sha256"])
         return photo
-    # A photo already in the bucket was not uploaded: only the pixel cap applies to it.
-    data = await run_in_threadpool(_stored_photo, clients, form.image_key)
+    data = await run_in_threadpool(_owned_upload, clients, owner, form.image_key)
     photo = await run_in_threadpool(checked_photo, data, form.image_key, pixels, None)
     return {**photo, "key": form.image_key}
 
 
-def _stored_photo(clients: Clients, key: str) -> bytes:
+def _owned_upload(clients: Clients, owner: str, key: str) -> bytes:
+    """The bytes of `owner`'s upload `key` (already matched UPLOAD_KEY_PATTERN); one 404 for a
+    missing upload and for another tenant's."""
+    sha = key.removeprefix("uploads/").partition(".")[0]
     try:
-        return clients.store.get(check_key(key))
+        if clients.uploads.owns(owner, sha):
+            return clients.store.get(key)
     except ObjectNotFoundError:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no object {key!r} in the bucket") from None
-    except StorageError as exc:
-        if "invalid object key" in str(exc):
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-        raise
+        pass  # recorded, but swept from the bucket since
+    raise HTTPException(status.HTTP_404_NOT_FOUND, f"no upload {key!r} of yours")
 
 
 def _enqueue(

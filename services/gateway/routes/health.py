@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.gateway.deps import Clients, ClientsDep
 from services.gateway.metrics import render_metrics
-from services.gateway.schemas import Health
+from services.gateway.schemas import Error, Health
 from shared.errors import one_line
 
 router = APIRouter(tags=["health"])
@@ -62,7 +62,10 @@ async def _check(probe: Callable[[], Any]) -> str:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format."},
+        503: {"model": Error, "description": "Redis (queue depths) does not answer."},
+    },
     summary="Prometheus metrics",
 )
 async def metrics(clients: ClientsDep) -> Response:

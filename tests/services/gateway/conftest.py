@@ -3,14 +3,20 @@ workers: jobs stay queued. The tests mirror `services/gateway/` (`routes/` for i
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from procrop.servers import ServerProcess, start_milvus_lite
+from procrop.servers import ServerProcess, free_port, start_milvus_lite
 from services.gateway.app import create_app
 from shared.settings import Settings, load_settings
 
@@ -82,3 +88,30 @@ def alice() -> dict[str, str]:
 def bob() -> dict[str, str]:
     """Headers of the second API key's requests."""
     return {"Authorization": f"Bearer {BOB_KEY}"}
+
+
+@contextlib.contextmanager
+def running_gateway(env: dict[str, str]) -> Iterator[tuple[str, int]]:
+    """`procrop gateway` as its own process (real uvicorn) with `env`: (base URL, pid)."""
+    port = free_port()
+    env = {**env, "PROCROP_GATEWAY__PORT": str(port), "PROCROP_LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen([sys.executable, "-m", "procrop", "gateway"], env=env)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def gateway_process(gateway_env: pytest.MonkeyPatch) -> Iterator[tuple[str, int]]:
+    """The gateway of `gateway_env` as its own process: (base URL, pid)."""
+    with running_gateway(dict(os.environ)) as gateway:
+        yield gateway

@@ -64,3 +64,37 @@ def test_gateway_never_imports_torch() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_options_and_405_name_every_method_of_a_path(
+    client: TestClient, alice: dict[str, str]
+) -> None:
+    """GET and DELETE /v1/crops/{id} are two routes; OPTIONS and a 405 name both."""
+    response = client.options("/v1/crops/0123", headers=alice)
+    assert response.status_code == 204
+    assert response.headers["allow"] == "DELETE, GET, OPTIONS"
+    assert client.options("/v1/crops").headers["allow"] == "OPTIONS, POST"
+    refused = client.put("/v1/crops/0123", headers=alice)
+    assert refused.status_code == 405 and refused.headers["allow"] == "DELETE, GET, OPTIONS"
+    assert client.options("/no/such/path").status_code == 404
+
+
+def test_openapi_states_the_limits(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    paths, schemas = doc["paths"], doc["components"]["schemas"]
+    [name] = paths["/v1/collections/{name}/index"]["post"]["parameters"]
+    assert name["schema"]["pattern"] == "^[A-Za-z][A-Za-z0-9_]{0,199}$"
+    bodies = paths["/v1/crops"]["post"]["requestBody"]["content"]
+    image_key = bodies["application/json"]["schema"]["properties"]["image_key"]
+    assert image_key["pattern"].startswith("^uploads/") and image_key["maxLength"] == 77
+    form = bodies["multipart/form-data"]["schema"]
+    ratios = form["properties"]["aspect_ratios"]
+    assert ratios["maxItems"] == 16 and ratios["items"]["maxLength"] == 16 * 33
+    assert form["properties"]["n"]["maximum"] == 100
+    assert schemas["IndexRequest"]["properties"]["source"]["maxLength"] == 1024
+    for path, operations in paths.items():
+        assert "204" in operations["options"]["responses"], path
+        for method, operation in operations.items():
+            if path.startswith("/v1/") and method != "options":
+                assert "503" in operation["responses"], (method, path)
+                assert "401" in operation["responses"], (method, path)

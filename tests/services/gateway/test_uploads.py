@@ -133,3 +133,35 @@ def test_upload_just_under_the_limit_is_read(client: TestClient, alice: dict[str
     """Not refused by size: decoded, and refused as a photo instead."""
     detail = detail_of(submit_photo(client, alice, b"\xff" * (MiB - 1024)), 415)
     assert "MAX_UPLOAD" not in detail
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_gateway_memory_stays_flat_under_big_uploads(
+    gateway_process: tuple[str, int], alice: dict[str, str]
+) -> None:
+    """8 concurrent uploads of a 160 KB PNG of 7000 x 7000 pixels (147 MB decoded, under the
+    50 MP cap): all answered, the gateway's peak resident memory under 700 MB (it was 2.2-2.9 GB
+    when the gateway decoded photos)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, pid = gateway_process
+    png = _png((7000, 7000))
+    assert len(png) < 200 * 1024
+
+    def upload(i: int) -> int:
+        files = {"image": (f"big{i}.png", png, "image/png")}
+        return httpx.post(url + "/v1/crops", headers=alice, files=files, timeout=120).status_code
+
+    idle = _peak_rss(pid)
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(upload, range(8)))
+    peak = _peak_rss(pid)
+    print(f"gateway peak RSS: idle {idle / 2**20:.0f} MiB, after 8 uploads {peak / 2**20:.0f} MiB")
+    assert codes == [202] * 8
+    assert peak < 700 * 2**20, f"{peak / 2**20:.0f} MiB"

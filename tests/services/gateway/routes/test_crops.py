@@ -16,6 +16,8 @@ from shared.storage import build_object_store
 
 from ..helpers import accepted_job_id, detail_of, submit_photo, task_message
 
+KEY = "uploads/" + "0" * 64 + ".jpg"  # a well-formed key nobody uploaded
+
 
 def test_upload_is_queued_and_stored_once(
     client: TestClient, gateway_settings: Settings, alice: dict[str, str], photo: bytes
@@ -59,6 +61,9 @@ def test_submit_sends_the_chain_to_the_embed_queue(
         ({"n": "many"}, "n: Input should be a valid integer"),
         ({"aspect_ratios": "abc"}, "aspect ratio must be 'W:H'"),
         ({"aspect_ratios": "16:9,0:1"}, "'0:1'"),
+        ({"aspect_ratios": "100000:1"}, "between 1:10 and 10:1"),
+        ({"aspect_ratios": "1:10.01"}, "between 1:10 and 10:1"),
+        ({"aspect_ratios": "1:1," * 200}, "at most 528 characters per field"),
         ({"wait": -1}, "wait: Input should be greater than or equal to 0"),
     ],
 )
@@ -121,11 +126,17 @@ def test_json_request_for_an_uploaded_photo(
 @pytest.mark.parametrize(
     ("payload", "code", "reason"),
     [
-        ({"image_key": "uploads/nothing-here.jpg"}, 404, "uploads/nothing-here.jpg"),
-        ({"image_key": "../x"}, 422, "../x"),
-        ({"image_key": "/etc/passwd"}, 422, "/etc/passwd"),
-        ({"image_key": "uploads/a.jpg", "n": 0}, 422, "n: Input should be greater than"),
-        ({"image_key": "uploads/a.jpg", "aspect_ratios": ["abc"]}, 422, "got 'abc'"),
+        ({"image_key": KEY}, 404, f"no upload {KEY!r}"),
+        ({"image_key": "uploads/nothing-here.jpg"}, 422, "image_key: String should match"),
+        ({"image_key": "../x"}, 422, "image_key: String should match"),
+        ({"image_key": "/etc/passwd"}, 422, "image_key: String should match"),
+        ({"image_key": "pro/photo.jpg"}, 422, "image_key: String should match"),  # not an upload
+        ({"image_key": KEY.replace("0", "\x01", 1)}, 422, "image_key"),  # was a 503
+        ({"image_key": KEY[:-4] + ".JPG"}, 422, "image_key"),
+        ({"image_key": KEY, "n": 0}, 422, "n: Input should be greater than"),
+        ({"image_key": KEY, "aspect_ratios": ["abc"]}, 422, "got 'abc'"),
+        ({"image_key": KEY, "aspect_ratios": ["100000:1"]}, 422, "between 1:10 and 10:1"),
+        ({"image_key": KEY, "aspect_ratios": ["1" * 40 + ":1"]}, 422, "at most 32 characters"),
         ({"n": 3}, 422, "image_key: Field required"),
     ],
 )
@@ -139,6 +150,31 @@ def test_bad_json_requests(
 ) -> None:
     assert reason in detail_of(client.post("/v1/crops", headers=alice, json=payload), code)
     assert broker.llen("embed") == 0
+
+
+def test_image_key_names_only_your_own_uploads(
+    client: TestClient,
+    alice: dict[str, str],
+    bob: dict[str, str],
+    photo: bytes,
+    broker: redis.Redis,
+) -> None:
+    """Bob cannot crop (or learn of) Alice's upload: the same 404 as for a key nobody sent."""
+    accepted_job_id(submit_photo(client, alice, photo))
+    key = f"uploads/{hashlib.sha256(photo).hexdigest()}.jpg"
+    theirs = detail_of(client.post("/v1/crops", headers=bob, json={"image_key": key}), 404)
+    missing = detail_of(client.post("/v1/crops", headers=bob, json={"image_key": KEY}), 404)
+    assert theirs == missing.replace(KEY, key)
+    assert broker.llen("embed") == 1  # Alice's upload only
+    accepted_job_id(client.post("/v1/crops", headers=alice, json={"image_key": key}))
+    accepted_job_id(submit_photo(client, bob, photo))  # once Bob sends it too, it is his as well
+    accepted_job_id(client.post("/v1/crops", headers=bob, json={"image_key": key}))
+
+
+def test_huge_image_key_is_not_echoed(client: TestClient, alice: dict[str, str]) -> None:
+    response = client.post("/v1/crops", headers=alice, json={"image_key": "k" * 900_000})
+    assert "image_key" in detail_of(response, 422)
+    assert len(response.content) < 1000
 
 
 def test_cancel_a_queued_job(
