@@ -30,3 +30,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device(device)
     except RuntimeError as exc:
         raise ValueError(f"unknown torch device {device!r}: {exc}") from None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: float16 on CUDA (half the memory, tensor cores), float32 elsewhere; or the one named.
+
+    Raises:
+        ValueError: `name` is not auto, float16 or float32.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in ("float16", "float32"):
+        raise ValueError(f"expected dtype auto, float16 or float32, got {name!r}")
+    return torch.float16 if name == "float16" else torch.float32

@@ -8,28 +8,19 @@ from __future__ import annotations
 
 import abc
 import functools
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from shared.model_sources import file_sha256 as file_sha256  # re-exported (SAM, effnet versions)
 
 GRID = 8  # tokens per side: 8 x 8 = 64 tokens per photo
 NUM_TOKENS = GRID * GRID
 VECTOR_DIM = 256
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-
-
-def file_sha256(path: str | Path) -> str:
-    """The file's SHA-256, hex (read in 1 MB blocks): identifies weights in encoder versions."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 @dataclass(frozen=True)

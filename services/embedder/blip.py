@@ -28,14 +28,14 @@ from transformers import (
 )
 
 from shared.devices import resolve_device
-from shared.errors import ModelLoadError, SettingsError, one_line
+from shared.errors import ModelLoadError, SettingsError
+from shared.model_sources import load_local_first, resolve_source
 from shared.settings import EmbedderSettings
 
 logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
-_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError)  # what from_pretrained raises
 ENC_TOKEN = "[ENC]"  # BLIP's marker for image-grounded encoding, used where the tokenizer has it
 
 
@@ -84,17 +84,13 @@ def load_blip(
     Raises:
         ModelLoadError: nothing to load, or the weights do not fill every tensor of `model_class`.
     """
-    source, local = _resolve_source(name_or_path)
-    try:
-        model, processor, info = _read_pretrained(model_class, source, local_files_only=True)
-    except _READ_ERRORS as exc:
-        if local:
-            raise _load_error(source, exc) from None
-        logger.info("%s is not in the local hub cache; downloading it", source)
-        try:
-            model, processor, info = _read_pretrained(model_class, source, local_files_only=False)
-        except _READ_ERRORS as exc:
-            raise _load_error(source, exc) from None
+    source, local = resolve_source(name_or_path, "BLIP model")
+    model, processor, info = load_local_first(
+        lambda offline: _read_pretrained(model_class, source, local_files_only=offline),
+        source,
+        local,
+        "BLIP model",
+    )
     # transformers fills missing or mis-shaped tensors with random values and only warns
     misfits = sorted(str(key) for key in (*info["missing_keys"], *info["mismatched_keys"]))
     if misfits:
@@ -120,22 +116,53 @@ def _read_pretrained(
     return model, processor, info
 
 
-def _load_error(source: str, exc: Exception) -> ModelLoadError:
-    """A one-line `ModelLoadError` from a transformers / huggingface_hub failure."""
-    return ModelLoadError(f"cannot load BLIP model from {source}: {one_line(exc)}")
+class BlipCaptioner:
+    """Writes what is in each photo with a BLIP captioning model (beam search, deterministic)."""
 
+    def __init__(
+        self,
+        model: BlipForConditionalGeneration,
+        processor: BlipProcessor,
+        *,
+        batch_size: int = 8,
+        prompt: str | None = None,
+        max_new_tokens: int = 30,
+        num_beams: int = 3,
+    ) -> None:
+        """Wrap a loaded captioner (see `load_blip`).
 
-def _resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
-    """(what to pass to `from_pretrained`, whether it is a local folder)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return str(path), True
-    if path.exists():
-        raise ModelLoadError(f"BLIP model path is not a folder: {path}")
-    text = str(name_or_path)
-    if isinstance(name_or_path, Path) or text.startswith((".", "~", "/")):
-        raise ModelLoadError(f"BLIP model folder not found: {path}")
-    return text, False
+        Args:
+            prompt: text the caption continues (e.g. "a photography of"); kept in the caption.
+            max_new_tokens, num_beams: caption length cap and beam width.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.processor = model, processor
+        self.batch_size = batch_size
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+
+    def caption(self, images: Sequence[Image.Image]) -> list[str]:
+        """One caption per photo, in order; a `prompt`, if set, starts every caption."""
+        captions: list[str] = []
+        for start in range(0, len(images), self.batch_size):
+            captions += self._caption_batch(images[start : start + self.batch_size])
+        return captions
+
+    @torch.inference_mode()
+    def _caption_batch(self, images: Sequence[Image.Image]) -> list[str]:
+        device = self.model.device
+        text = None if self.prompt is None else [self.prompt] * len(images)  # one per photo
+        inputs = self.processor(images=list(images), text=text, return_tensors="pt")
+        output_ids = self.model.generate(
+            **inputs.to(device),
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            do_sample=False,
+        )  # (B, T) token ids
+        texts = self.processor.batch_decode(output_ids, skip_special_tokens=True)
+        return [text.strip() for text in texts]
 
 
 class BlipTextEmbedder:
@@ -161,14 +188,17 @@ class BlipTextEmbedder:
             max_new_tokens, num_beams: caption length cap and beam width (deterministic search).
             max_text_tokens: texts are truncated to this many tokens before embedding.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.captioning = BlipCaptioner(
+            captioner,
+            caption_processor,
+            batch_size=batch_size,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+        )
         self.captioner, self.caption_processor = captioner, caption_processor
         self.matcher, self.match_processor = matcher, match_processor
         self.batch_size = batch_size
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.num_beams = num_beams
         self.max_text_tokens = max_text_tokens
 
     @property
@@ -177,25 +207,8 @@ class BlipTextEmbedder:
         return int(self.matcher.text_encoder.config.hidden_size)
 
     def caption(self, images: Sequence[Image.Image]) -> list[str]:
-        """One caption per photo, in order; a `prompt`, if set, starts every caption."""
-        captions: list[str] = []
-        for start in range(0, len(images), self.batch_size):
-            captions += self._caption_batch(images[start : start + self.batch_size])
-        return captions
-
-    @torch.inference_mode()
-    def _caption_batch(self, images: Sequence[Image.Image]) -> list[str]:
-        device = self.captioner.device
-        text = None if self.prompt is None else [self.prompt] * len(images)  # one per photo
-        inputs = self.caption_processor(images=list(images), text=text, return_tensors="pt")
-        output_ids = self.captioner.generate(
-            **inputs.to(device),
-            max_new_tokens=self.max_new_tokens,
-            num_beams=self.num_beams,
-            do_sample=False,
-        )  # (B, T) token ids
-        texts = self.caption_processor.batch_decode(output_ids, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        """One caption per photo, in order (see `BlipCaptioner.caption`)."""
+        return self.captioning.caption(images)
 
     def multimodal_embedding(
         self, images: Sequence[Image.Image], texts: Sequence[str]

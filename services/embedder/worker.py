@@ -82,6 +82,8 @@ load_after_fork(models)
 
 
 def main() -> None:
+    import services.outpainter.worker  # noqa: F401  (CAD runs' describe stage is an embed task)
+
     run_worker("embed")
 
 
