@@ -26,9 +26,12 @@ from shared.queue import QUEUES
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-PROCROP_SERVICES = {"gateway", "embedder", "retriever", "indexer", "cropper", "outpainter"}
+PROCROP_SERVICES = {
+    "gateway", "embedder", "retriever", "indexer", "cropper", "outpainter", "sweeper"
+}  # fmt: skip
 INFRA_SERVICES = {"redis", "minio", "etcd", "milvus"}
-WORKER_SERVICES = PROCROP_SERVICES - {"gateway"}
+WORKER_SERVICES = PROCROP_SERVICES - {"gateway", "sweeper"}
+BUILT_SERVICES = WORKER_SERVICES | {"gateway"}  # the sweeper runs the indexer's image
 GPU_SERVICES = {"embedder", "cropper", "outpainter"}
 WORKER_DOCKERFILE = ROOT / "deploy" / "docker" / "worker.Dockerfile"
 MODEL_PACKAGES = {
@@ -43,6 +46,7 @@ REQUIRED_SECRETS = (
     "PROCROP_API_KEYS",
     "PROCROP_STORAGE__ACCESS_KEY",
     "PROCROP_STORAGE__SECRET_KEY",
+    "REDIS_PASSWORD",
 )
 _VARIABLE_LINE = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=", re.MULTILINE)
 
@@ -239,7 +243,7 @@ def test_procrop_services_start_after_healthy_infrastructure(
 
 
 def test_dockerfiles_exist_for_every_procrop_service(services: dict[str, dict[str, Any]]) -> None:
-    for name in PROCROP_SERVICES:
+    for name in BUILT_SERVICES:
         assert dockerfile_of(services[name]).is_file(), name
     for name in INFRA_SERVICES:
         assert "build" not in services[name] and ":" in services[name]["image"], name
@@ -259,7 +263,7 @@ def test_dockerfile_pins_agree_with_pyproject(services: dict[str, dict[str, Any]
     declared = {
         canonicalize_name(r.name): r.specifier for r in map(Requirement, project["dependencies"])
     }
-    for dockerfile in {dockerfile_of(services[name]) for name in PROCROP_SERVICES}:
+    for dockerfile in {dockerfile_of(services[name]) for name in BUILT_SERVICES}:
         for requirement in requirements_of(dockerfile):
             name = canonicalize_name(requirement.name)
             assert name in declared, f"{dockerfile.name}: {name} is not in pyproject.toml"
@@ -311,3 +315,42 @@ def test_env_example_documents_every_variable_compose_reads() -> None:
             documented[match[1]] = above.startswith("#") and not _VARIABLE_LINE.match(above)
     assert read <= set(documented), sorted(read - set(documented))
     assert all(documented.values()), [k for k, has_comment in documented.items() if not has_comment]
+
+
+def test_redis_is_durable_and_locked(services: dict[str, dict[str, Any]]) -> None:
+    """Redis runs deploy/redis/redis.conf (append-only file) with a password, which the
+    services' Redis URL carries."""
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[:2] == ["redis-server", "/usr/local/etc/redis/redis.conf"]
+    assert command[2:] == ["--requirepass", "change-me-redis-password"]
+    mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in redis["volumes"]]
+    assert any(
+        str(ROOT / "deploy" / "redis" / "redis.conf") in m
+        and "/usr/local/etc/redis/redis.conf" in m
+        for m in mounts
+    ), mounts
+    assert "appendonly yes" in (ROOT / "deploy" / "redis" / "redis.conf").read_text()
+    for name in PROCROP_SERVICES:
+        url = services[name]["environment"]["PROCROP_QUEUE__REDIS_URL"]
+        assert url == "redis://:change-me-redis-password@redis:6379/0"
+
+
+def test_the_sweeper_runs_procrop_sweep_hourly_in_the_indexer_image(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    import click
+
+    from procrop.cli import cli
+
+    sweeper, indexer = services["sweeper"], services["indexer"]
+    assert sweeper["image"] == indexer["image"] and "build" not in sweeper
+    args = sweeper["command"]
+    assert args[0] == "sweep"
+    command = cli.get_command(click.Context(cli), "sweep")
+    assert command is not None
+    options = command.make_context("sweep", list(args[1:])).params  # the real CLI accepts them
+    assert options["every_s"] == 3600 and options["grace_s"] >= 3600
+    assert sweeper["healthcheck"]["test"] == ["CMD", "procrop", "sweep", "--check"]
+    # The same Redis and bucket as the services whose objects it deletes.
+    assert sweeper["environment"] == indexer["environment"]
