@@ -4,6 +4,7 @@
     [model]  profile and ModelConfig overrides                                 (ModelConfig)
     [loss]   LossConfig overrides
     [train]  epochs, batch size, learning rates, time budget, ...            (OptimConfig)
+    [weak]   CAD sources, stages, rounds, curation ([data] optional)   (services/cropper/weak.py)
 
 Steps: 1. read the annotations and split them; 2. make sure the training photos are in the
 composition index and the query -> top-K relations exist (#2's ingest and relations, computed only
@@ -66,10 +67,11 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: dataset_io.DataConfig
+    data: dataset_io.DataConfig | None  # None only for a weak run on CAD alone
     model: ModelConfig
     loss: LossConfig
     optim: OptimConfig
+    weak: Any = None  # services.cropper.weak.WeakConfig: weak supervision on CAD
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -78,19 +80,28 @@ def load_train_config(path: str | Path) -> TrainConfig:
         raw = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ProCropError(f"{path}: cannot read training config ({exc})") from None
-    unknown = sorted(set(raw) - {"data", "model", "loss", "train"})
-    if unknown or "data" not in raw:
-        raise ProCropError(f"{path}: sections are [data], [model], [loss], [train] ({unknown})")
+    unknown = sorted(set(raw) - {"data", "model", "loss", "train", "weak"})
+    if unknown or ("data" not in raw and "weak" not in raw):
+        raise ProCropError(
+            f"{path}: sections are [data] (or [weak]), [model], [loss], [train], [weak] ({unknown})"
+        )
     model = dict(raw.get("model", {}))
     try:
         return TrainConfig(
-            data=dataset_io.DataConfig(**raw["data"]),
+            data=dataset_io.DataConfig(**raw["data"]) if "data" in raw else None,
             model=profile_config(model.pop("profile", "lite"), **model),
             loss=LossConfig(**raw.get("loss", {})),
             optim=OptimConfig(**raw.get("train", {})),
+            weak=_weak(raw["weak"]) if "weak" in raw else None,
         )
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ProCropError(f"{path}: {exc}") from None
+
+
+def _weak(raw: dict[str, Any]) -> Any:
+    from services.cropper.weak import WeakConfig
+
+    return WeakConfig.from_dict(raw)
 
 
 def train(
@@ -100,6 +111,11 @@ def train(
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training; returns the last epoch's record."""
+    if config.weak is not None:
+        from services.cropper.weak import train_weak
+
+        return train_weak(config, settings, on_epoch)
+    assert config.data is not None, "a supervised run has a [data] section"
     rank, world = _init_distributed()
     device = _device(config.optim.device, rank, world)
     torch.manual_seed(config.optim.seed)
@@ -149,6 +165,7 @@ def _prepare(config: TrainConfig, settings: Settings, rank: int, world: int) -> 
     ranks wait, then read the relations it wrote."""
     if rank > 0:
         dist.barrier()
+    assert config.data is not None
     data = dataset_io.prepare(config.data, config.model, settings, config.optim.out)
     if rank == 0 and world > 1:
         dist.barrier()

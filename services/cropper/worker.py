@@ -5,7 +5,9 @@
 Reads the photo, its features (embed stage) and neighbours (retrieve stage), runs the model (ONNX
 Runtime for the shipped bundle on a CPU, torch on the GPU when there is one) and the same
 post-processing as `procrop crop`, writes `jobs/{job}/result.json` ({width, height, crops}) and
-marks the job succeeded. A redelivered task writes the same result to the same key.
+marks the job succeeded. A redelivered task writes the same result to the same key. The same
+queue serves `procrop.crop.batch`: many photos by key with a training run's model, one JSON-lines
+result (the pseudo-label rounds of weak training, services/cropper/batch_crops.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from services.cropper.postprocess import CropRequest
 from services.cropper.predictor import CropPredictor, build_predictor
 from services.retriever.neighbors import Neighbors
 from shared.images import decode_image
-from shared.queue import CROP, worker_app
+from shared.queue import CROP, CROP_BATCH, worker_app
 from shared.settings import get_settings
 from shared.storage.keys import job_key
 from shared.worker import get_arrays, jobs, load_after_fork, object_store, run_stage, run_worker
@@ -65,6 +67,15 @@ def crop(task: Task, message: dict[str, Any]) -> str:
     key = run_stage(task, message["job_id"], "crop", lambda: write_result(message))
     jobs().succeed(message["job_id"], key)
     return key
+
+
+@app.task(name=CROP_BATCH)
+def crop_batch(message: dict[str, Any]) -> str:
+    """Batch prediction for weak training's pseudo-label rounds (services/cropper/batch_crops.py):
+    crops many photos by object key with the model the message names; returns the output key."""
+    from services.cropper.batch_crops import crop_keys
+
+    return crop_keys(message, object_store(), get_settings())
 
 
 load_after_fork(predictor)
