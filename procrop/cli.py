@@ -1,7 +1,9 @@
 """The `procrop` command line (embedded mode: Milvus Lite file, local or S3 object store).
 
-Settings come from `PROCROP_*` variables (shared/settings.py). Errors print one line,
-`procrop: error: ...`, on stderr and exit with status 1 (2 for usage errors).
+Settings come from `PROCROP_*` variables (shared/settings.py); a command fails only on the
+settings it reads (an invalid one raises when it is first read), the services (`worker`,
+`gateway`) check theirs before they start. Errors print one line, `procrop: error: ...`, on
+stderr and exit with status 1 (2 for usage errors).
 """
 
 from __future__ import annotations
@@ -10,27 +12,30 @@ import functools
 import json
 import logging
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from tqdm import tqdm
 
-from shared.errors import ProCropError
+from shared.errors import ProCropError, one_line
 from shared.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("procrop")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 1) -> NoReturn:
     click.echo(f"procrop: error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(status)
 
 
 def handle_errors(fn: F) -> F:
-    """Turn `ProCropError`s into one-line messages and exit status 1."""
+    """Turn `ProCropError`s, and any `OSError` a command did not expect (a file it cannot write),
+    into one-line messages and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -38,6 +43,9 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ProCropError as exc:
             _fail(str(exc))
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or one_line(exc)}")
         except KeyboardInterrupt:
             _fail("interrupted; run the same command again to resume")
 
@@ -60,7 +68,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
         stream=sys.stderr,
     )
     try:
-        ctx.obj = load_settings()
+        ctx.obj = load_settings(only=())  # each command reads (and so checks) what it uses
     except ProCropError as exc:
         _fail(str(exc))
 
@@ -245,6 +253,55 @@ def collections_cmd(settings: Settings) -> None:
         click.echo(f"{name}\t{index.count(name)}\t{meta.get('encoder')}")
 
 
+@cli.command("sweep")
+@click.option(
+    "--grace", "grace_s", default=3600, show_default=True, type=click.FloatRange(0),
+    help="Seconds an unreferenced object stays marked before it is deleted.",
+)  # fmt: skip
+@click.option(
+    "--every", "every_s", type=click.FloatRange(60), default=None, metavar="SECONDS",
+    help="Sweep again every SECONDS, until stopped (a sweeper service); a pass that fails "
+    "(Redis or the store away) is logged and the next one tries again.",
+)  # fmt: skip
+@click.option(
+    "--check", is_flag=True,
+    help="Sweep nothing: exit 0 if Redis and the object store answer (a health check), else 1.",
+)  # fmt: skip
+@pass_settings
+@handle_errors
+def sweep_cmd(settings: Settings, grace_s: float, every_s: float | None, check: bool) -> None:
+    """Delete job outputs and uploads whose job and upload records expired (run it hourly)."""
+    import redis
+
+    from shared.retention import sweep
+    from shared.storage import build_object_store
+
+    client = redis.Redis.from_url(settings.queue.redis_url, socket_connect_timeout=5)
+    store = build_object_store(settings)
+
+    def once() -> None:
+        try:
+            if check:
+                client.ping()
+                store.check()
+                return
+            report = sweep(store, client, grace_s=grace_s)
+        except redis.RedisError as exc:
+            raise ProCropError(f"Redis: {one_line(exc)}") from exc
+        click.echo(json.dumps({"deleted": report.deleted, "marked": report.marked}))
+
+    if every_s is None or check:
+        once()
+        return
+    while True:
+        try:
+            once()
+        except ProCropError as exc:  # the next pass tries again; marks live in Redis
+            log.warning("sweep failed, next in %.0f s: %s", every_s, exc)
+        sys.stdout.flush()
+        time.sleep(every_s)
+
+
 @cli.command("crop")
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-n", "--n", "n", default=5, show_default=True, help="Crops per photo (per ratio).")
@@ -282,7 +339,9 @@ def crop_cmd(
     try:
         request = CropRequest.parse(n, aspect_ratios)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        _fail(str(exc), status=2)  # a usage error, in one line
+    if out is not None:
+        _writable_folder(out)  # before the model loads, not after the first photo
     predictor = build_predictor(settings, profile or settings.profile, model, collection)
     with progress(len(images), "photo") as bar:
         failed = run_crop(
@@ -290,6 +349,16 @@ def crop_cmd(
         )
     if failed:
         sys.exit(1)
+
+
+def _writable_folder(folder: Path) -> None:
+    """Create `folder` if missing; ProCropError unless files can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ProCropError(f"--out {folder}: cannot write there ({exc.strerror or exc})") from None
 
 
 @cli.command("train")
@@ -419,6 +488,79 @@ def bundle_cmd(
     click.echo(f"{out}: model + index of {count} photos ({size:.1f} MB)")
 
 
+@cli.command("cad")
+@click.argument("source")
+@click.option(
+    "--out",
+    help="Folder or s3://bucket/prefix for the run's files (with --gateway: a folder "
+    "for its manifest and status; the files stay in the gateway's bucket).",
+)
+@click.option(
+    "--variants", default=3, show_default=True, type=click.IntRange(1), help="Canvases per photo."
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--limit", type=click.IntRange(1), help="Use the first N photos (by name).")
+@click.option(
+    "--gateway", "gateway_url", help="Submit the run to a gateway (URL) instead of running it here."
+)
+@click.option("--run", "run_name", default=None, help="Run id on the gateway (resubmit to resume).")
+@pass_settings
+@handle_errors
+def cad_cmd(
+    settings: Settings,
+    source: str,
+    out: str | None,
+    variants: int,
+    seed: int,
+    limit: int | None,
+    gateway_url: str | None,
+    run_name: str | None,
+) -> None:
+    """Generate a CAD dataset from the professional photos in SOURCE (folder or s3:// prefix).
+
+    Each photo gives VARIANTS items: the photo down-scaled onto a larger canvas, its border
+    out-painted (PROCROP_CAD__OUTPAINTER: lite = OpenCV, controlnet = SD-1.5 + ControlNet),
+    checked by the quality filter; the placed region is the item's first crop label. OUT gets
+    run.json, items/, manifest.jsonl, labels.jsonl (train with `procrop train`) and report.json.
+    Running the same command again resumes: finished items are not made again.
+    """
+    from services.outpainter.run import RunParams
+
+    params = RunParams(
+        source=source, variants=variants, seed=seed, limit=limit, profile=settings.profile
+    )
+    if gateway_url:
+        from procrop.remote import submit_dataset
+
+        report = submit_dataset(gateway_url, params, run_name, out)
+    elif out is None:
+        raise click.UsageError("give --out (or --gateway URL)")
+    else:
+        report = _cad_embedded(settings, params, out)
+    click.echo(json.dumps(report, indent=1))
+
+
+def _cad_embedded(settings: Settings, params: Any, out: str) -> dict[str, Any]:
+    from services.outpainter.pipeline import build_pipeline
+    from services.outpainter.run import run_embedded
+    from shared.checkpoints import open_location
+
+    store, prefix = open_location(out, settings)
+    prefix = f"{prefix}/" if prefix else ""
+    params.check(settings)
+    with progress(0, "item") as bar:
+
+        def tick(line: dict[str, Any]) -> None:
+            bar.update()
+            bar.set_postfix_str(line["status"], refresh=False)
+
+        def start(total: int) -> None:
+            bar.reset(total=total)
+
+        pipeline = build_pipeline(settings)
+        return run_embedded(params, pipeline, store, settings, prefix, on_item=tick, on_start=start)
+
+
 @cli.command("demo")
 @pass_settings
 @handle_errors
@@ -436,8 +578,11 @@ WORKERS = {
     "retrieve": "services.retriever.worker",
     "index": "services.retriever.worker",
     "crop": "services.cropper.worker",
-    "outpaint": "",  # its tasks arrive with CAD dataset generation
+    "outpaint": "services.outpainter.worker",
 }
+# The settings every worker reads (checked before it starts); the outpaint worker adds "cad".
+WORKER_SETTINGS = ("home", "profile", "max_image_pixels", "log_level", "storage", "milvus",
+                   "embedder", "crop", "queue", "cad")  # fmt: skip
 
 
 @cli.command("worker")
@@ -452,10 +597,9 @@ def worker_cmd(settings: Settings, queue: str, check: bool) -> None:
 
     from shared.worker import ping_worker
 
+    settings.check(*WORKER_SETTINGS)
     if check:
         sys.exit(0 if ping_worker(queue) else 1)
-    if not WORKERS[queue]:
-        raise ProCropError(f"the {queue} worker has no tasks yet (they come with CAD generation)")
     module = importlib.import_module(WORKERS[queue])
     if queue in ("retrieve", "index"):
         module.main(queue)

@@ -110,10 +110,74 @@ def test_unreachable_milvus(settings, photo_dir, monkeypatch):
     assert code == 1 and "Milvus at http://127.0.0.1" in err
 
 
-def test_invalid_setting_names_the_variable(settings, monkeypatch):
-    monkeypatch.setenv("PROCROP_STORAGE__BACKEND", "ftp")
-    code, _, err = run("collections")
+def test_invalid_setting_names_the_variable(settings, photo_dir, monkeypatch):
+    monkeypatch.setenv("PROCROP_STORAGE__BACKEND", "ftp")  # `index` writes tokens to the store
+    code, _, err = run("index", str(photo_dir), "-c", "pro")
     assert code == 1 and "PROCROP_STORAGE__BACKEND" in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PROCROP_API_KEYS", "short"),
+        ("PROCROP_QUEUE__REDIS_URL", "http://not-redis"),
+        ("PROCROP_QUEUE__SOFT_TIME_LIMIT_S", "99999"),  # past the hard limit
+        ("PROCROP_GATEWAY__PORT", "0"),
+        ("PROCROP_STORAGE__ENDPOINT", "http://x:9000/bucket"),
+        ("PROCROP_MILVUS__TIMEOUT_S", "0"),
+    ],
+)
+def test_offline_crop_ignores_settings_it_never_reads(
+    settings, photo_dir, monkeypatch, variable, value
+):
+    monkeypatch.setenv(variable, value)
+    code, out, err = run("crop", str(photo_dir / "coins.jpg"), "--json", "-n", "2")
+    assert code == 0, err
+    assert len(json.loads(out)["crops"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "variable", "value"),
+    [
+        (("worker", "embed"), "PROCROP_QUEUE__REDIS_URL", "http://not-redis"),
+        (("worker", "crop"), "PROCROP_STORAGE__ENDPOINT", "x:9000/bucket"),
+        (("worker", "index", "--check"), "PROCROP_MILVUS__TIMEOUT_S", "0"),
+        (("gateway",), "PROCROP_GATEWAY__PORT", "0"),
+        (("gateway",), "PROCROP_API_KEYS", "short"),
+        (("crop", "x.jpg", "--profile", "paper"), "PROCROP_CROP__BATCH_SIZE", "0"),
+    ],
+)
+def test_services_fail_fast_on_their_own_settings(settings, monkeypatch, args, variable, value):
+    from shared.settings import get_settings
+
+    monkeypatch.setenv("PROCROP_API_KEYS", "a-valid-key-0123456789")
+    monkeypatch.setenv(variable, value)
+    get_settings.cache_clear()  # the gateway reads the process-wide settings
+    try:
+        code, _, err = run(*args)
+    finally:
+        get_settings.cache_clear()
+    assert code == 1
+    assert variable in _one_error_line(err)
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if not line.lstrip().startswith(("0%", "100%"))]
+    assert len(lines) == 1 and lines[0].startswith("procrop: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("ratio", ["100000:1", "1:11", "100000000000000000:1", "1e17:1"])
+def test_crop_refuses_extreme_ratios_in_one_line(settings, photo_dir, ratio):
+    code, out, err = run("crop", str(photo_dir / "coins.jpg"), "-a", ratio)
+    assert code == 2 and out == ""
+    assert ratio in _one_error_line(err)
+
+
+def test_crop_out_folder_that_cannot_be_written(settings, photo_dir):
+    result = CliRunner().invoke(cli, ["crop", str(photo_dir / "coins.jpg"), "--out", "/proc/nope"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "/proc/nope" in _one_error_line(result.stderr)
 
 
 def test_installed_entry_point(settings, photo_dir):
