@@ -29,7 +29,7 @@ first `succeed` of a job takes effect, so one job gets one result, however often
 
 Broker outages: workers reconnect forever (`broker_connection_max_retries=None`); tasks running
 when the connection drops are cancelled (they could not be acknowledged) and come back through
-their leases (`ProCropConsumer`, `SettleRequest`: tidying up or acknowledging on the dead
+their leases (`ProCropConsumer`: tidying up, acknowledging or rejecting on the dead
 connection never stops the worker); messages a task sends retry for about a minute before the
 task gives up; with Redis's append-only file (`deploy/redis/redis.conf`) queued and
 unacknowledged messages and job records survive a restart. Arguments are ids and object keys, JSON only; results live in the
@@ -44,9 +44,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery
 from celery.worker.consumer import Consumer
-from celery.worker.request import Request
 from kombu import Queue
 
 from shared.leases import LeaseKeeper
@@ -84,40 +83,6 @@ def _route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **
         return None  # not ours: Celery's default queue
 
 
-class SettleRequest(Request):
-    """Celery's task request, but an acknowledgement (or rejection) that finds its broker
-    connection already closed does not stop the worker.
-
-    When Redis goes away, the consumer closes its connection and kombu sets the channel's
-    connection to None; a task that finishes after that acknowledges its message on that channel
-    and kombu raises AttributeError, which the worker treats as unrecoverable and exits (seen:
-    the index worker died at a Redis restart, and its runs stalled). Nothing is lost by not
-    acknowledging: the message is still Redis's unacknowledged one (or was restored to its queue
-    when the channel closed) and comes back through its lease; tasks are idempotent.
-    """
-
-    def acknowledge(self) -> None:
-        self._settle(super().acknowledge)
-
-    def reject(self, requeue: bool = False) -> None:
-        self._settle(functools.partial(super().reject, requeue))
-
-    def _settle(self, call: Callable[[], None]) -> None:
-        try:
-            call()
-        except AttributeError:
-            channel = self.message.channel
-            if getattr(channel, "connection", None) is not None and channel.connection.client:
-                raise  # the channel is open: a real bug, not a closed connection
-            log.warning("task %s: broker connection closed before its acknowledgement; "
-                        "its lease brings the message back", self.id)  # fmt: skip
-            self.acknowledged = True
-
-
-class ProCropTask(Task):
-    Request = SettleRequest
-
-
 class ProCropConsumer(Consumer):
     """Celery's consumer, but losing the broker under a running task does not stop the worker.
 
@@ -130,6 +95,11 @@ class ProCropConsumer(Consumer):
     connection: skipping it loses nothing, as the message is still Redis's unacknowledged one and
     its lease brings it back.
     """
+
+    def call_soon_ack(self, p: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Every acknowledgement and rejection of a task message passes here (`message.ack_log_error`
+        or `reject_log_error`, scheduled on the event loop): settle it where its channel is open."""
+        return super().call_soon_ack(settle_if_open(p), *args, **kwargs)
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         connection = self.connection
@@ -147,10 +117,44 @@ class ProCropConsumer(Consumer):
         super().on_connection_error_after_connected(exc)
 
 
+def settle_if_open(settle: Callable[..., Any]) -> Callable[..., None]:
+    """`settle` (a message's `ack_log_error` or `reject_log_error`), except that a message whose
+    channel lost its connection is left as it is instead of stopping the worker.
+
+    When Redis goes away the consumer closes its connection and kombu sets each channel's
+    connection to None. An acknowledgement or rejection of a message delivered on that channel
+    that runs later (a task that ended after the loss; a retry that could not be sent and rejects
+    its message back to the queue) must build a Redis client from that connection, and kombu
+    raises AttributeError, which its `*_log_error` does not catch (only connection errors) and the
+    worker treats as unrecoverable ("Unrecoverable error: AttributeError(\"'NoneType' object has
+    no attribute 'hostname'\")", seen in CI after the stack's Redis was SIGKILLed). Nothing is
+    lost by leaving it: the message is still Redis's unacknowledged one (or was restored to its
+    queue as the channel closed) and comes back through its lease; tasks are idempotent.
+    """
+
+    @functools.wraps(settle)
+    def settle_or_leave(*args: Any, **kwargs: Any) -> None:
+        try:
+            settle(*args, **kwargs)
+        except AttributeError:
+            message = getattr(settle, "__self__", None)
+            channel = getattr(message, "channel", None)
+            if channel is None or getattr(channel, "connection", None) is not None:
+                raise  # an open channel: a real bug, not a lost connection
+            log.warning("message %s: broker connection lost before it was settled; its lease "
+                        "brings it back", getattr(message, "delivery_tag", "?"))  # fmt: skip
+
+    return settle_or_leave
+
+
 def create_app(settings: Settings) -> Celery:
     """A Celery app on `settings.queue.redis_url` with the project's routing and guarantees."""
     q = settings.queue
-    app = Celery("procrop", broker=q.redis_url, set_as_current=False, task_cls=ProCropTask)
+    app = Celery(
+        "procrop",
+        broker=q.redis_url,
+        set_as_current=False,
+    )
     app.conf.update(
         worker_consumer=f"{__name__}:ProCropConsumer",
         task_serializer="json",

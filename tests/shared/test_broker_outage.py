@@ -5,6 +5,7 @@ of dropping it (Celery's own `retry` rejects it for good)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,10 +20,11 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from kombu import Connection, Queue
+from kombu.asynchronous import Hub
 
 from procrop.servers import ServerProcess, free_port, restart_server, start_redis
 from shared import worker
-from shared.queue import SettleRequest, create_app
+from shared.queue import ProCropConsumer, create_app, settle_if_open
 from shared.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,34 +39,60 @@ def redis_url(redis_server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> I
     redis.Redis.from_url(url).flushdb()
 
 
-def test_an_acknowledgement_after_the_connection_closed_keeps_the_worker_and_the_message(
-    redis_url: str,
-) -> None:
-    app = create_app(load_settings())
+def _closed_channel_message(app: Celery, redis_url: str) -> tuple[Any, Connection]:
+    """A delivered, unacknowledged message whose channel looks as a worker's does after Redis
+    went away (seen in a worker's log): closed, its connection None, and its Redis pool dropped
+    (kombu drops it when the reconnecting channel's ping fails), so settling it must build a
+    client anew."""
 
     @app.task(name="procrop.index.test_noop")
     def noop() -> None: ...
 
     noop.delay()
-    broker = redis.Redis.from_url(redis_url)
     connection = app.connection_for_read()
     message = Queue("index")(connection.default_channel).get(no_ack=False)
-    assert message is not None and broker.hlen("unacked") == 1
-    request = SettleRequest(
-        message, app=app, task=noop, on_ack=message.ack_log_error,
-        on_reject=message.reject_log_error, connection_errors=connection.connection_errors,
-    )  # fmt: skip
-    # What the worker's channel looks like after Redis went away (seen in a worker's log):
-    # closed, its connection None, and its Redis pool dropped (kombu drops it when the
-    # reconnecting channel's ping fails), so the acknowledgement must build a client anew.
+    assert message is not None and redis.Redis.from_url(redis_url).hlen("unacked") == 1
     channel = message.channel
     connection.close()
     channel._disconnect_pools()
-    request.acknowledge()  # Celery's own Request raises AttributeError here: the worker exits
-    assert request.acknowledged
-    # Not acknowledged in Redis: back in its queue (restored as its channel closed) or still
-    # held for its lease to run out; never gone.
+    return message, connection
+
+
+@pytest.mark.parametrize("settle", ["ack_log_error", "reject_log_error"])
+def test_settling_a_message_after_the_connection_closed_keeps_the_worker_and_the_message(
+    redis_url: str, settle: str
+) -> None:
+    """The consumer's `call_soon_ack`, through which every acknowledgement and rejection of a
+    task message is scheduled on the worker's event loop, as Celery 5.7 wires it: the settle
+    that runs later on the closed channel must not raise (the worker would exit: CI saw a retry
+    that could not be sent reject its message back to the queue after Redis came back)."""
+    message, connection = _closed_channel_message(create_app(load_settings()), redis_url)
+    errors = connection.connection_errors
+    kwargs = {"requeue": True} if settle == "reject_log_error" else {}
+    with pytest.raises(AttributeError):  # kombu's own: what stopped the worker
+        getattr(message, settle)(logging.getLogger("test"), errors, **kwargs)
+
+    consumer = object.__new__(ProCropConsumer)  # only its event loop is needed here
+    consumer.hub = Hub()
+    scheduled = consumer.call_soon_ack(
+        getattr(message, settle), logging.getLogger("t"), errors, **kwargs
+    )
+    scheduled()  # what the event loop does with it
+    # Not settled in Redis: back in its queue (restored as its channel closed) or still held
+    # for its lease to run out; never gone.
+    broker = redis.Redis.from_url(redis_url)
     assert broker.llen("index") + broker.hlen("unacked") == 1
+
+
+def test_settling_on_an_open_channel_still_raises_real_errors() -> None:
+    class Message:
+        channel = type("Channel", (), {"connection": object()})()
+
+        def ack_log_error(self) -> None:
+            raise AttributeError("a real bug")
+
+    with pytest.raises(AttributeError, match="a real bug"):
+        settle_if_open(Message().ack_log_error)()
 
 
 @pytest.fixture
