@@ -8,7 +8,7 @@ WORKDIR /app
 # The gateway's own dependencies, floors as in pyproject.toml (tests/deploy checks they agree);
 # the project itself goes in with --no-deps, which keeps torch and the model libraries out.
 RUN pip install "fastapi>=0.115" "uvicorn[standard]>=0.30" "python-multipart>=0.0.9" \
-    "pydantic>=2.7" "pydantic-settings>=2.4" "celery[redis]>=5.4" "redis>=5" "minio>=7.2" \
+    "pydantic>=2.7" "pydantic-settings>=2.4" "celery[redis]>=5.7,<5.8" "redis>=5" "minio>=7.2" \
     "pymilvus>=3.0,<4" "prometheus-client>=0.20" "pillow>=10.3" "numpy>=1.26" "click>=8.1" \
     "tqdm>=4.66"
 COPY pyproject.toml README.md ./
