@@ -241,9 +241,8 @@ def run_fold(f, folds, corpus, cad, config, rows, rounds, curation):
             result |= {"seam_iou_cad_heldout": seam_iou(trainer.model, cad, held, pool, k),
                        "rounds": stats, "canvases": len(items)}  # fmt: skip
         elif row == "supervised":
-            result = score(
-                corpus, val, supervised(corpus, train, val, config.model, config.loss, config.optim)
-            )
+            variants = supervised(corpus, train, val, config.model, config.loss, config.optim)
+            result = score(corpus, val, variants[""])  # as `procrop crop` post-processes
         else:
             result = supervised_plus_cad(corpus, cad, train, val, in_train, held, config)
         result["seconds"] = round(time.perf_counter() - t, 1)
