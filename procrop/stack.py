@@ -102,12 +102,15 @@ class Stack:
             self._restart_dead_infra(state)
         else:
             state = self._start_infra()
-        for name, cmd in self._service_commands(state).items():
+        commands = self._service_commands(state)
+        spawned = set()
+        for name, cmd in commands.items():
             proc = state["processes"].get(name)
             if proc is None or not StackProcess(name=name, **proc).alive():
                 state["processes"][name] = self._spawn(name, cmd, state["env"])
+                spawned.add(name)
                 self._save(state)
-        self._wait_ready(state)
+        self._wait_ready(state, commands, spawned)
         return self.summary(state)
 
     def _start_infra(self) -> dict[str, Any]:
@@ -196,8 +199,14 @@ class Stack:
             raise ProCropError(f"{name} exited at once; see {log_path}")
         return {"pid": proc.pid, "start_time": started, "log": str(log_path), "cmd": cmd}
 
-    def _wait_ready(self, state: dict[str, Any]) -> None:
-        """Until the gateway is ready and every worker answers a ping."""
+    def _wait_ready(
+        self, state: dict[str, Any], commands: dict[str, list[str]], spawned: set[str]
+    ) -> None:
+        """Until the gateway is ready and every worker answers a ping.
+
+        A service this call started that exits is an error (its log says why). One that was
+        already running and exits now is started again, once: a process just SIGKILLed counts as
+        running until the kernel has torn it down, which can take a moment on a loaded machine."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         pending = [f"worker-{q}" for q in WORKER_QUEUES] + ["gateway"]
         app = _celery(state)
@@ -205,8 +214,13 @@ class Stack:
             for name in list(pending):
                 proc = StackProcess(name=name, **state["processes"][name])
                 if not proc.alive():
-                    raise ProCropError(f"{name} exited during start-up; see {proc.log}")
-                if _ready(name, state, app):
+                    if name in spawned:
+                        raise ProCropError(f"{name} exited during start-up; see {proc.log}")
+                    log.warning("%s exited while the stack came up; starting it again", name)
+                    state["processes"][name] = self._spawn(name, commands[name], state["env"])
+                    spawned.add(name)
+                    self._save(state)
+                elif _ready(name, state, app):
                     pending.remove(name)
             time.sleep(0.3)
         if pending:

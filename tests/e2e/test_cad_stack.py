@@ -166,10 +166,13 @@ def test_a_run_survives_a_killed_worker_a_redis_restart_and_a_paused_s3(
     time.sleep(1)
     up = _procrop(home, "stack", "up", env=stack["up_env"])
     assert up.returncode == 0, up.stderr
-    assert json.loads(up.stdout.strip().splitlines()[-1])["gateway"] == stack["gateway"]
+    restarted = json.loads(up.stdout.strip().splitlines()[-1])
+    assert restarted["gateway"] == stack["gateway"]
+    for name in ("worker-index", "worker-embed", "worker-retrieve", "worker-crop", "gateway"):
+        assert restarted["pids"][name] == stack["pids"][name], f"{name} did not ride out Redis"
 
     _wait_finished(client, job_id, 26)
-    s3_pid = json.loads(up.stdout.strip().splitlines()[-1])["pids"]["s3"]
+    s3_pid = restarted["pids"]["s3"]
     os.kill(s3_pid, signal.SIGSTOP)
     time.sleep(20)
     os.kill(s3_pid, signal.SIGCONT)
