@@ -51,6 +51,16 @@ for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
+# KEYS[1] job hash; ARGV: now. A job not over counts one more resend and moves its `updated` time
+# (shared/recovery.py). Returns 1, or 0 if the job has ended or is missing.
+_RESENT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
+redis.call('HINCRBY', KEYS[1], 'resent', 1)
+redis.call('HSET', KEYS[1], 'updated', ARGV[1])
+return 1
+"""
+
 # KEYS[1] job hash, KEYS[2] its parts hash; ARGV: part, item count, ttl. Records the part once,
 # writes the sum of all parts as progress.done and returns {done, total}, in one step.
 _PART_DONE = """
@@ -122,6 +132,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._update = client.register_script(_UPDATE)
         self._part_done = client.register_script(_PART_DONE)
+        self._resent = client.register_script(_RESENT)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -178,6 +189,10 @@ class JobStore:
     def cancel(self, job_id: str) -> bool:
         """Final: cancelled. False if the job had already ended."""
         return self._finish(job_id, "cancelled", error="cancelled by the client")
+
+    def note_resent(self, job_id: str) -> bool:
+        """Count a resend of a job not over (and move its `updated` time); False if it ended."""
+        return int(self._resent(keys=[KEY_PREFIX + job_id], args=[time.time()])) == 1
 
     def set_progress(self, job_id: str, total: int) -> None:
         self._set(job_id, **{"progress.total": total, "progress.done": 0})

@@ -67,6 +67,15 @@ CAD_DESCRIBE = "procrop.embed.cad_describe"  # one item: masks + description (SA
 CAD_FILL = "procrop.outpaint.cad_fill"  # one item: out-paint + quality filter
 
 
+def crop_chain(app: Celery, message: dict[str, Any]) -> Any:
+    """A crop job's tasks, `message` (its id, the photo's key and hash, the request) first."""
+    from celery import chain
+
+    return chain(
+        app.signature(EMBED, args=(message,)), app.signature(RETRIEVE), app.signature(CROP)
+    )
+
+
 def queue_of(task_name: str) -> str:
     """The queue a task name routes to (`procrop.<queue>.<what>`)."""
     parts = task_name.split(".")

@@ -139,6 +139,11 @@ class QueueSettings(BaseModel):
     pool: Literal["prefork", "solo"] = "prefork"
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)  # how long job records are kept
     index_batch: int = Field(default=256, ge=1, le=10_000)  # photos per indexing task
+    # A crop job no message holds (lost with a dying worker) is sent again once its record has
+    # not moved for this long (shared/recovery.py; the gateway checks every recover_every_s).
+    # 0: never.
+    recover_after_s: int = Field(default=120, ge=0)
+    recover_every_s: int = Field(default=30, ge=1, le=3600)
     # Prometheus metrics of a worker's tasks (shared/worker_metrics.py) on this port; 0: off (the
     # local stack runs several workers on one host). Kubernetes pods set 9464 and host 0.0.0.0.
     metrics_port: int = Field(default=0, ge=0, le=65535)

@@ -29,6 +29,7 @@ from services.gateway.routes import collections, crops, datasets, health, jobs
 from services.gateway.schemas import first_error
 from services.gateway.uploads import BodyLimit
 from shared.errors import SettingsError, StorageError, VectorIndexError, one_line
+from shared.recovery import Recoverer
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         import anyio.to_thread
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
-        app.state.clients = await run_in_threadpool(Clients.connect, settings)
+        app.state.clients = clients = await run_in_threadpool(Clients.connect, settings)
+        q = settings.queue
+        recoverer = (
+            Recoverer(clients.jobs, clients.celery, q.recover_after_s, q.recover_every_s).start()
+            if q.recover_after_s
+            else None
+        )
         yield
-        await app.state.clients.close()
+        if recoverer is not None:
+            await run_in_threadpool(recoverer.stop)
+        await clients.close()
 
     app = FastAPI(
         title="ProCrop gateway",

@@ -49,6 +49,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "PROCROP_QUEUE__TIME_LIMIT_S": "10",
         "PROCROP_QUEUE__SOFT_TIME_LIMIT_S": "8",
         "PROCROP_QUEUE__INDEX_BATCH": "4",
+        "PROCROP_QUEUE__RECOVER_AFTER_S": "6",  # lost messages sent again soon (shared/recovery)
+        "PROCROP_QUEUE__RECOVER_EVERY_S": "2",
     }
     up = _procrop(home, "stack", "up", env=env)
     assert up.returncode == 0, up.stderr
@@ -370,6 +372,36 @@ def _job_objects(stack: dict[str, Any], job_id: str) -> list[str]:
     return list(
         build_object_store(load_settings(**_settings_overrides(stack))).list(f"jobs/{job_id}/")
     )
+
+
+def test_a_job_whose_message_was_lost_is_sent_again_and_succeeds_once(
+    stack: dict[str, Any], client: httpx.Client, photo_dir: Path
+) -> None:
+    """The crop message of a job is taken out of Redis while no crop worker runs, as a dying
+    worker's BRPOP takes one; the gateway's recovery finds the job stalled with no message
+    holding it and sends it again: it succeeds, with one result, the crops `procrop crop` gives."""
+    import redis
+
+    from shared.recovery import job_id_of
+
+    jobs = JobStore.from_url(stack["env"]["PROCROP_QUEUE__REDIS_URL"])
+    broker = redis.Redis.from_url(stack["env"]["PROCROP_QUEUE__REDIS_URL"])
+    _kill_worker(stack, "worker-crop")
+    photo = photo_dir / "coffee.jpg"
+    job_id = _submit(client, photo, n=2).json()["job_id"]
+    _poll(lambda: "retrieve" in jobs.get(job_id).timings, "the job to reach the crop queue")
+    _poll(lambda: any(job_id_of(m) == job_id for m in broker.lrange("crop", 0, -1)), "its message")
+    lost = [m for m in broker.lrange("crop", 0, -1) if job_id_of(m) == job_id]
+    assert len(lost) == 1 and broker.lrem("crop", 1, lost[0]) == 1
+    assert _procrop(stack["home"], "stack", "up").returncode == 0  # a crop worker again
+    body = _wait_done(client, job_id, timeout_s=90)
+    assert body["status"] == "succeeded"
+    assert body["result"] == _embedded(photo, "-n", "2")
+    record = broker.hgetall(f"procrop:job:{job_id}")
+    assert record[b"resent"] == b"1" and record[b"n.embed"] == b"2"  # sent again from embed
+    assert _job_objects(stack, job_id) == [
+        f"jobs/{job_id}/neighbors.safetensors", f"jobs/{job_id}/result.json",
+    ]  # fmt: skip
 
 
 def test_redis_is_locked_and_its_files_private(stack: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from celery import chain
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -33,7 +32,7 @@ from services.gateway.uploads import checked_photo
 from shared.crop_request import check_crop_request
 from shared.errors import ObjectNotFoundError
 from shared.jobs import Job
-from shared.queue import CROP, EMBED, RETRIEVE
+from shared.queue import crop_chain
 
 router = APIRouter(prefix="/v1/crops", tags=["crops"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -191,10 +190,6 @@ def _enqueue(
     }  # fmt: skip
     job = clients.jobs.create("crop", owner, params)
     message = {"job_id": job.id, "sha256": photo["sha256"], **params}
-    app = clients.celery
-    stages = chain(
-        app.signature(EMBED, args=(message,)), app.signature(RETRIEVE), app.signature(CROP)
-    )
-    send(clients, job, stages)
+    send(clients, job, crop_chain(clients.celery, message))
     JOBS.labels("crop").inc()
     return job

@@ -1,0 +1,135 @@
+"""Crop jobs whose message was lost are sent again.
+
+Kombu's Redis transport pops a message (BRPOP) before it records it as unacknowledged
+(`shared/leases.py`), so a message can vanish with its worker: one that dies between the two,
+or one SIGKILLed while the kernel tears it down, whose socket still has a BRPOP waiting that
+Redis answers with the next message pushed (seen: a job submitted right after the crop worker
+was killed stayed "running" forever; the Redis append-only file shows its crop message popped
+and never recorded). Leases cannot bring such a message back: nothing holds it any more.
+
+So a crop job that is not over, whose record has not moved for `after_s`, and whose id is in no
+message Redis holds (the queues' lists, and the deliveries recorded as unacknowledged) is sent
+again from its first stage. Nothing is done twice that shows: every stage is idempotent (its
+outputs go to keys derived from its input), a stage skips a job that has ended, and only a job's
+first success counts. A message that is in flight at that moment (popped, not yet recorded:
+microseconds) makes at worst one more run of the chain. The resend is counted on the job
+(its `resent` field) and moves its `updated` time, so a job is sent again at most once per `after_s`.
+
+The gateway runs a pass every `every_s` seconds (`QueueSettings.recover_after_s`,
+`recover_every_s`); a Redis lock lets one gateway of several run it. Index and dataset jobs are
+not covered here: their planners re-plan unfinished parts when the job is submitted again.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from shared.jobs import KEY_PREFIX, TERMINAL, Job, JobStore
+from shared.queue import QUEUES, crop_chain
+
+log = logging.getLogger(__name__)
+LOCK_KEY = "procrop:recover:lock"
+UNACKED_KEY = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, key]
+
+
+def job_ids_in_messages(client: redis.Redis) -> set[str]:
+    """The `job_id` of every task message Redis holds: waiting in a queue's list, or delivered
+    and not yet acknowledged (running, prefetched, waiting for its ETA)."""
+    raw: list[Any] = []
+    for queue in QUEUES:
+        raw += client.lrange(queue, 0, -1)
+    raw += [json.loads(entry)[0] for entry in client.hvals(UNACKED_KEY)]
+    return {job for job in map(job_id_of, raw) if job}
+
+
+def job_id_of(message: Any) -> str | None:
+    """The job a kombu message (JSON envelope, or its decoded dict) is for; None if not ours."""
+    try:
+        envelope = json.loads(message) if isinstance(message, str | bytes) else message
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]["job_id"]) if args and isinstance(args[0], dict) else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def stalled_crop_jobs(jobs: JobStore, after_s: float, now: float | None = None) -> Iterator[Job]:
+    """Crop jobs that are not over and whose record has not moved for `after_s`."""
+    now = time.time() if now is None else now
+    for key in jobs.redis.scan_iter(f"{KEY_PREFIX}*", count=1000):
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        job_id = name.removeprefix(KEY_PREFIX)
+        if ":" in job_id:  # a job's side hashes (index parts)
+            continue
+        raw = {_text(k): _text(v) for k, v in jobs.redis.hgetall(name).items()}
+        if raw.get("kind") != "crop" or raw.get("status", "queued") in TERMINAL:
+            continue
+        job = Job.from_hash(job_id, raw)
+        if now - job.updated >= after_s:
+            yield job
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def crop_message(job: Job) -> dict[str, Any]:
+    """The first task's argument for a crop job, as the gateway sent it."""
+    sha256 = job.params["image_key"].rsplit("/", 1)[1].split(".", 1)[0]
+    return {"job_id": job.id, "sha256": sha256, **job.params}
+
+
+def recover(jobs: JobStore, app: Any, after_s: float) -> list[str]:
+    """One pass: send again every stalled crop job no message holds; returns their ids."""
+    candidates = list(stalled_crop_jobs(jobs, after_s))
+    if not candidates:
+        return []
+    held = job_ids_in_messages(jobs.redis)
+    resent = []
+    for job in (j for j in candidates if j.id not in held):
+        if not jobs.note_resent(job.id):
+            continue  # it ended (or expired) meanwhile
+        crop_chain(app, crop_message(job)).apply_async()
+        log.warning("job %s: no message held it for %.0f s (lost with a worker?); sent again",
+                    job.id, time.time() - job.updated)  # fmt: skip
+        resent.append(job.id)
+    return resent
+
+
+class Recoverer:
+    """A daemon thread that runs `recover` every `every_s` seconds, one process at a time
+    across all that share the Redis (a lock that expires with the interval)."""
+
+    def __init__(self, jobs: JobStore, app: Any, after_s: float, every_s: float) -> None:
+        self.jobs, self.app, self.after_s, self.every_s = jobs, app, after_s, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recover", daemon=True)
+
+    def start(self) -> Recoverer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        token = secrets.token_hex(8)
+        while not self._stop.wait(self.every_s):
+            try:
+                lock_ms = max(1, int(self.every_s * 1000 * 0.9))
+                if self.jobs.redis.set(LOCK_KEY, token, nx=True, px=lock_ms):
+                    recover(self.jobs, self.app, self.after_s)
+            except Exception as exc:  # Redis away, a send failing: the next pass tries again
+                log.warning("recovery pass failed: %s", exc)
