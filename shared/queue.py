@@ -194,6 +194,11 @@ def create_app(settings: Settings) -> Celery:
             # Return dead workers' tasks every few seconds (kombu's default is ~100 s).
             "unacked_restore_interval": max(1, q.visibility_timeout_s // 6),
             "unacked_restore_throttle": 1,
+            # The lock one restorer holds: left behind by a process killed while restoring (or
+            # by Redis killed between its SET and DEL, the append-only file keeping it), it
+            # would stop every restore for kombu's default 300 s. Restoring is safe without it
+            # (each message moves in its own WATCHed transaction), so it may expire soon.
+            "unacked_mutex_expire": max(5, q.visibility_timeout_s // 3),
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
             "health_check_interval": 25,
