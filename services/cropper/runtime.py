@@ -60,7 +60,13 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    def __init__(self, path: str | Path, config: ModelConfig, threads: int = 1) -> None:
+    """The model on ONNX Runtime (CPU). A batch runs `chunk` photos at a time: on a CPU larger
+    runs only outgrow the caches (the shipped model, 2-core machine: 8.6 ms a photo in runs of
+    16, 7.1 in runs of 4 or 2; the same outputs)."""
+
+    def __init__(
+        self, path: str | Path, config: ModelConfig, threads: int = 1, chunk: int = 4
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -72,7 +78,7 @@ class OnnxRunner:
             )
         except Exception as exc:  # onnxruntime raises its own error types on bad files
             raise ModelLoadError(f"{path}: unreadable ONNX model ({exc})") from None
-        self.config, self.names = config, input_names(config)
+        self.config, self.names, self.chunk = config, input_names(config), chunk
         self._check(path)
 
     def _check(self, path: str | Path) -> None:
@@ -93,7 +99,12 @@ class OnnxRunner:
             )
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        logits, boxes = self.session.run(list(OUTPUTS), {n: arrays[n] for n in self.names})
+        size = len(arrays[self.names[0]])
+        runs = [
+            self.session.run(list(OUTPUTS), {n: arrays[n][i : i + self.chunk] for n in self.names})
+            for i in range(0, max(size, 1), self.chunk)
+        ]
+        logits, boxes = (np.concatenate(outputs) for outputs in zip(*runs, strict=True))
         return rank_proposals(logits, boxes)
 
 

@@ -47,10 +47,14 @@ def test_auto_picks_onnx_on_a_cpu_and_torch_on_request(bundle: Path) -> None:
     onnx = build_runner(str(bundle))
     torch_runner = build_runner(str(bundle), runtime="torch")
     assert isinstance(onnx, OnnxRunner) and isinstance(torch_runner, TorchRunner)
-    arrays = example_arrays(onnx.config, batch=3, seed=4)
+    arrays = example_arrays(onnx.config, batch=7, seed=4)
     (s1, b1), (s2, b2) = onnx(arrays), torch_runner(arrays)
     np.testing.assert_allclose(s1, s2, atol=1e-4)
     np.testing.assert_allclose(b1, b2, atol=1e-4)
+    # ONNX Runtime runs the batch in chunks (7 = 3 + 3 + 1): the same proposals, in order.
+    s3, b3 = OnnxRunner(bundle / ONNX_FILE, onnx.config, chunk=3)(arrays)
+    np.testing.assert_allclose(s3, s2, atol=1e-4)
+    np.testing.assert_allclose(b3, b2, atol=1e-4)
 
 
 def test_onnx_without_an_export_is_an_error(bundle: Path, tmp_path: Path) -> None:

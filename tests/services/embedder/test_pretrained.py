@@ -53,6 +53,9 @@ def test_onnx_export_equals_torch(network, photos) -> None:
     got = OnnxNetwork()(batch)
     assert got.shape == (len(photos), FEATURE_DIM, 8, 8)
     np.testing.assert_allclose(got, expected, atol=1e-3)
+    # Runs of `chunk` photos, the last one short, give what one run gives.
+    one_run = OnnxNetwork(chunk=len(photos))(batch)
+    np.testing.assert_allclose(OnnxNetwork(chunk=3)(batch), one_run, atol=1e-5)
 
 
 def test_embedding_shapes_norms_and_batch_independence(photos) -> None:
