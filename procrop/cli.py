@@ -468,7 +468,14 @@ def bundle_cmd(
     The photos are those of the relations file that are in COLLECTION (the training photos).
     """
     from services.cropper.checkpoint import load_checkpoint, open_location, save_checkpoint
-    from services.cropper.runtime import ONNX_FILE, example_arrays, export_onnx
+    from services.cropper.runtime import (
+        INT8_FILE,
+        INT8_TOLERANCE,
+        ONNX_FILE,
+        example_arrays,
+        export_onnx,
+        quantize_onnx,
+    )
     from services.retriever.bundle_index import export_index
     from services.retriever.relations import read_relations
     from services.retriever.token_store import TokenStore
@@ -480,9 +487,14 @@ def bundle_cmd(
     hashes = {entry["content_hash"]: name for name, entry in photos.items()}
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(LocalObjectStore(out), "", model, info=info)
-    error = export_onnx(model, out / ONNX_FILE, example_arrays(model.config))
+    example = example_arrays(model.config)
+    error = export_onnx(model, out / ONNX_FILE, example)
     if error > 1e-3:
         raise ProCropError(f"the ONNX export differs from torch by {error:.2e}; not bundling it")
+    error = quantize_onnx(out / ONNX_FILE, out / INT8_FILE, example)
+    if error > INT8_TOLERANCE:
+        (out / INT8_FILE).unlink()
+        click.echo(f"the int8 graph moves boxes by {error:.3f}; bundled the float graph only")
     count = export_index(index, TokenStore(store, collection), collection, hashes, out)
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     click.echo(f"{out}: model + index of {count} photos ({size:.1f} MB)")

@@ -30,8 +30,12 @@ def photos() -> list[Path]:
 
 
 def model_digest() -> str:
-    weights = ROOT / "procrop" / "models" / "lite" / "model.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest()
+    """The weights and the int8 graph `procrop crop` runs (services/cropper/runtime.py)."""
+    bundle = ROOT / "procrop" / "models" / "lite"
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "model.int8.onnx"):
+        digest.update(hashlib.sha256((bundle / name).read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def crop_lines(paths: list[Path], args: list[str]) -> list[str]:

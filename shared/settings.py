@@ -117,6 +117,7 @@ class CropSettings(BaseModel):
     collection: str | None = None  # composition index to retrieve from; None: the bundle's own
     device: str = "auto"
     runtime: Literal["auto", "onnx", "torch"] = "auto"  # auto: ONNX Runtime for bundles on a CPU
+    quantized: bool = True  # on ONNX Runtime, the bundle's int8 graph where it has one
     batch_size: int = Field(default=16, ge=1, le=1024)
 
 

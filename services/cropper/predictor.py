@@ -201,7 +201,7 @@ def build_predictor(
     `precomputed`: no encoder, retrieval or text (the crop worker gets them from its chain)."""
     location = model_location(settings, profile, model)
     crop = settings.crop
-    runner = build_runner(location, crop.runtime, crop.device, settings)
+    runner = build_runner(location, crop.runtime, crop.device, settings, crop.quantized)
     if runner.config.profile != profile:
         raise ModelLoadError(f"{location} holds a {runner.config.profile!r} model, not {profile!r}")
     if precomputed:

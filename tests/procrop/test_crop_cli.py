@@ -73,6 +73,8 @@ def trained_bundle(photo_dir, tmp_path_factory) -> Path:
         )  # fmt: skip
     assert code == 0, err
     assert "index of 6 photos" in out
+    graphs = {p.name for p in (tmp_path / "bundle").glob("*.onnx")}
+    assert graphs == {"model.onnx", "model.int8.onnx"}
     return tmp_path / "bundle"
 
 
@@ -209,6 +211,7 @@ def test_paper_profile_refuses_lite_model(bundle, photo_dir):
 
 
 def test_onnx_and_torch_runtimes_agree(bundle, photo_dir, monkeypatch):
+    monkeypatch.setenv("PROCROP_CROP__QUANTIZED", "false")  # the float graph: the same model
     images = sorted(str(p) for p in photo_dir.glob("*.jpg"))
     _, onnx_out, _ = run("crop", *images, "--model", str(bundle), "--json")
     monkeypatch.setenv("PROCROP_CROP__RUNTIME", "torch")

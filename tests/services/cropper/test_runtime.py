@@ -11,12 +11,15 @@ from services.cropper.checkpoint import save_checkpoint
 from services.cropper.config import profile_config
 from services.cropper.model import build_model
 from services.cropper.runtime import (
+    INT8_FILE,
+    INT8_TOLERANCE,
     ONNX_FILE,
     OnnxRunner,
     TorchRunner,
     build_runner,
     example_arrays,
     export_onnx,
+    quantize_onnx,
     rank_proposals,
 )
 from shared.errors import ModelLoadError, ProCropError
@@ -55,6 +58,41 @@ def test_auto_picks_onnx_on_a_cpu_and_torch_on_request(bundle: Path) -> None:
     s3, b3 = OnnxRunner(bundle / ONNX_FILE, onnx.config, chunk=3)(arrays)
     np.testing.assert_allclose(s3, s2, atol=1e-4)
     np.testing.assert_allclose(b3, b2, atol=1e-4)
+
+
+def test_the_int8_graph_is_run_where_the_bundle_has_one(tmp_path: Path) -> None:
+    """`quantize_onnx` writes the int8 graph and measures it against the float one; a bundle
+    with it runs it on ONNX Runtime unless told not to, and its proposals stay close. (A model
+    of the shipped kind, on feature cells, with all weights drawn so that every one counts: a
+    fresh model's box head starts at zero and its boxes are the anchors.)"""
+    import torch
+
+    config = profile_config(
+        "lite-effnet", hidden_dim=32, num_heads=2, ffn_dim=64, k=3, num_queries=6, cue_channels=64
+    )
+    model = build_model(config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+    save_checkpoint(LocalObjectStore(tmp_path), "", model)
+    example = example_arrays(config)
+    assert export_onnx(model, tmp_path / ONNX_FILE, example) < 1e-4
+    error = quantize_onnx(tmp_path / ONNX_FILE, tmp_path / INT8_FILE, example)
+    assert 0 < error < INT8_TOLERANCE  # int8 weights: near the float graph, not the same
+    quantized, exact = build_runner(str(tmp_path)), build_runner(str(tmp_path), quantized=False)
+    assert isinstance(quantized, OnnxRunner) and isinstance(exact, OnnxRunner)
+    assert quantized.session._model_path.endswith(INT8_FILE)
+    assert exact.session._model_path.endswith(ONNX_FILE)
+    arrays = example_arrays(config, batch=5, seed=9)
+    b1, b2 = (r.session.run(["pred_boxes"], arrays)[0] for r in (quantized, exact))  # unranked
+    assert 0 < np.abs(b1 - b2).max() < INT8_TOLERANCE
+    # A photo's proposals do not depend on the photos batched with it (int8 activations are
+    # scaled by the range of a run: the runner runs one photo at a time).
+    together = quantized(arrays)
+    for i in range(5):
+        alone = quantized({name: value[i : i + 1] for name, value in arrays.items()})
+        np.testing.assert_array_equal(alone[1][0], together[1][i])
 
 
 def test_onnx_without_an_export_is_an_error(bundle: Path, tmp_path: Path) -> None:
