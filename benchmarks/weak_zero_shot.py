@@ -35,7 +35,14 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from benchmarks.common import FCDB, emit
-from benchmarks.cv_crop_models import CONFIG, Corpus, load_corpus, predict_crops, score
+from benchmarks.cv_crop_models import (
+    CONFIG,
+    UNFUSED,
+    Corpus,
+    load_corpus,
+    predict_variants,
+    score,
+)
 from benchmarks.cv_crop_models import train_and_predict as supervised
 from services.cropper.data import Augment, CropDataset, TrainPhoto, collate
 from services.cropper.engine import train_one_epoch
@@ -219,8 +226,13 @@ def seam_iou(model, cad: Cad, items: np.ndarray, pool, k: int) -> float:
 
 
 def real_scores(model, corpus: Corpus, val: np.ndarray, pool, k: int) -> dict:
+    """Scores as `procrop crop` post-processes (the top-1 fused with the neighbours' median
+    crop), and of the raw top-1 ("unfused_*"): a CAD-only model's neighbours are canvases, whose
+    crops are their placed regions, so the fusion pulls its top-1 towards a region's size."""
     nb = neighbors(corpus.effnet.vectors[val], *pool, k)
-    return score(corpus, val, predict_crops(model, corpus, val, nb))
+    variants = predict_variants(model, corpus, val, nb)
+    raw = score(corpus, val, variants[UNFUSED])
+    return score(corpus, val, variants[""]) | {f"unfused_{m}": raw[m] for m in ("iou", "disp", "best_of_3", "top1_area")}  # fmt: skip
 
 
 def run_fold(f, folds, corpus, cad, config, rows, rounds, curation):
