@@ -19,6 +19,7 @@ from services.cropper.config import ModelConfig, config_from_json
 from shared.boxes import cxcywh_to_xyxy
 from shared.devices import cuda_visible
 from shared.errors import ModelLoadError, ProCropError
+from shared.onnx_runs import run_in_chunks
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # the same graph, its matrix weights in int8 (`quantize_onnx`)
@@ -64,9 +65,9 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    """The model on ONNX Runtime (CPU). A batch runs `chunk` photos at a time: on a CPU larger
-    runs only outgrow the caches (the shipped model, 2-core machine: 8.6 ms a photo in runs of
-    16, 7.1 in runs of 4 or 2; the same outputs)."""
+    """The model on ONNX Runtime (CPU). A batch runs `chunk` photos at a time
+    (`shared.onnx_runs`; the shipped model, 2-core machine: 8.6 ms a photo in runs of 16, 7.1 in
+    runs of 4 or 2; the same outputs)."""
 
     def __init__(
         self, path: str | Path, config: ModelConfig, threads: int = 1, chunk: int = 4
@@ -103,12 +104,8 @@ class OnnxRunner:
             )
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        size = len(arrays[self.names[0]])
-        runs = [
-            self.session.run(list(OUTPUTS), {n: arrays[n][i : i + self.chunk] for n in self.names})
-            for i in range(0, max(size, 1), self.chunk)
-        ]
-        logits, boxes = (np.concatenate(outputs) for outputs in zip(*runs, strict=True))
+        feeds = {n: arrays[n] for n in self.names}
+        logits, boxes = run_in_chunks(self.session, list(OUTPUTS), feeds, self.chunk)
         return rank_proposals(logits, boxes)
 
 

@@ -39,6 +39,7 @@ from services.embedder.base import (
     l2_normalize,
 )
 from shared.errors import ModelLoadError
+from shared.onnx_runs import run_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -213,11 +214,10 @@ def encoder_version(projection_file: Path = PCA_FILE) -> str:
 class OnnxNetwork:
     """The feature network on ONNX Runtime (CPU), from the shipped export.
 
-    A batch runs `chunk` photos at a time: on a CPU larger runs buy nothing (the convolutions
-    are per photo) and cost much, as their activations (~20 MB a photo at 256 px) outgrow the
-    caches and, without the arena, are mapped and zero-filled afresh on every run. Measured on
-    the 2-core machine (`benchmarks.bench_crop_speed` and the encoder alone): 16 photos a run
-    took 17-25 ms a photo (4-5 ms of it in the kernel), 1 or 2 a run 12 ms, the same outputs."""
+    A batch runs `chunk` photos at a time (`shared.onnx_runs`; activations ~20 MB a photo at
+    256 px). Measured on the 2-core machine (`benchmarks.bench_crop_speed` and the encoder
+    alone): 16 photos a run took 17-25 ms a photo (4-5 ms of it in the kernel), 1 or 2 a run
+    12 ms, the same outputs."""
 
     def __init__(self, path: Path = ONNX_FILE, threads: int = 1, chunk: int = 2) -> None:
         import onnxruntime as ort
@@ -237,11 +237,7 @@ class OnnxNetwork:
         self.chunk = chunk
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        runs = [
-            self.session.run(None, {"pixels": batch[i : i + self.chunk]})[0]
-            for i in range(0, max(len(batch), 1), self.chunk)
-        ]
-        return runs[0] if len(runs) == 1 else np.concatenate(runs)
+        return run_in_chunks(self.session, None, {"pixels": batch}, self.chunk)[0]
 
 
 class TorchNetwork:
