@@ -39,6 +39,8 @@ def keda_schemas() -> dict[tuple[str, str], dict[str, Any]]:
         for version in crd["spec"]["versions"]:
             key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
             schemas[key] = version["schema"]["openAPIV3Schema"]
+    if not schemas:  # a clone outside the workspace, without ../shared
+        pytest.skip(f"KEDA's CRD schemas not found in {KEDA_CRDS}")
     return schemas
 
 
