@@ -29,6 +29,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ from services.embedder.lite import LiteCompositionEncoder
 from services.embedder.registry import build_encoder
 from services.retriever.neighbors import Neighbors, neighbors_from
 from shared.annotations import load_fcdb
-from shared.boxes import box_iou, median_box
+from shared.boxes import box_iou, flip_xyxy, median_box
 from shared.images import decode_image, read_bytes
 from shared.metrics import best_iou_and_disp
 from shared.settings import load_settings
@@ -69,6 +70,9 @@ TOP = CropRequest(3)
 NMS_07_TOP = dataclasses.replace(TOP, nms_iou=0.7)
 UNFUSED = ", top-1 not fused with the kNN median"
 NMS_07 = ", alternatives by NMS at 0.7"
+FLIP = ", top-1 averaged with the mirrored pass's (cell-flip TTA)"
+RIDGE = ", top-1 fused with a ridge regression's box too"
+FLIP_RIDGE = ", cell-flip TTA and the ridge box both"
 Ranked = list[np.ndarray] | dict[str, list[np.ndarray]]  # a row's crops, or its variants' crops
 
 
@@ -147,10 +151,10 @@ def fold_neighbors(corpus: Corpus, photos: np.ndarray, pool: np.ndarray, k: int)
 
 def train_and_predict(
     corpus: Corpus, train: np.ndarray, val: np.ndarray, model_cfg: ModelConfig,
-    loss: LossConfig, optim: OptimConfig,
+    loss: LossConfig, optim: OptimConfig, build: Callable[[ModelConfig], Any] = build_model,
 ) -> dict[str, list[np.ndarray]]:  # fmt: skip
     """Train on the fold's photos (their encoded views), then rank crops of the held-out photos
-    (by variant: see `predict_variants`)."""
+    (by variant: see `predict_variants`). `build` makes the untrained model."""
     torch.manual_seed(optim.seed)
     retrieval = model_cfg.use_retrieval
     k = model_cfg.k
@@ -171,15 +175,48 @@ def train_and_predict(
         dataset, batch_size=optim.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
         generator=torch.Generator().manual_seed(optim.seed),
     )  # fmt: skip
-    model = build_model(model_cfg)
+    model = build(model_cfg)
     optimizer, criterion = build_optimizer(model, optim), SetCriterion(loss)
     for epoch in range(optim.epochs):
         dataset.set_epoch(epoch)
         batches = scheduled_batches(loader, optimizer, optim, epoch)
         train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), optim.grad_clip)
-    return predict_variants(
-        model, corpus, val, fold_neighbors(corpus, val, train, k) if retrieval else None
-    )
+    neighbors = fold_neighbors(corpus, val, train, k) if retrieval else None
+    ridge = ridge_boxes(corpus, train, val) if retrieval else None
+    return predict_variants(model, corpus, val, neighbors, ridge)
+
+
+def pooled(features: np.ndarray, side: int = 4) -> np.ndarray:
+    """(N, 64, C) cells of an 8 x 8 grid -> (N, side * side * C) means over equal blocks."""
+    n, cells, c = features.shape
+    step = round(cells**0.5) // side
+    blocks = features.reshape(n, side, step, side, step, c).mean((2, 4))
+    return blocks.reshape(n, -1).astype(np.float64)
+
+
+def ridge_boxes(corpus: Corpus, train: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """(V, 4) crops of the held-out photos by ridge regression from the 4 x 4 pooled encoder
+    cells to the expert crop, its penalty chosen by exact leave-one-out error on the training
+    photos alone (kernel form: there are more features than photos)."""
+    x = pooled(corpus.effnet.features[train])
+    mean_x, mean_y = x.mean(0), corpus.crops[train].mean(0)
+    x, y = x - mean_x, corpus.crops[train] - mean_y
+    s, u = np.linalg.eigh(x @ x.T)
+    keep = s > 1e-6 * s.max()  # centring leaves one null direction: the free intercept
+    s, u = s[keep], u[:, keep]
+    uy = u.T @ y
+
+    def coefficients(alpha: float) -> np.ndarray:
+        return u @ (uy / (s + alpha)[:, None])
+
+    def loo_error(alpha: float) -> float:
+        diag = (u**2) @ (1 / (s + alpha))
+        return float(((coefficients(alpha) / diag[:, None]) ** 2).mean())
+
+    alpha = min(np.logspace(1, 7, 25), key=loo_error)
+    dual = coefficients(alpha)
+    out = (pooled(corpus.effnet.features[val]) - mean_x) @ (x.T @ dual) + mean_y
+    return np.clip(out, 0.0, 1.0)
 
 
 def predict_crops(model, corpus: Corpus, val: np.ndarray, neighbors) -> list[np.ndarray]:
@@ -187,7 +224,7 @@ def predict_crops(model, corpus: Corpus, val: np.ndarray, neighbors) -> list[np.
 
 
 def predict_variants(
-    model, corpus: Corpus, val: np.ndarray, neighbors
+    model, corpus: Corpus, val: np.ndarray, neighbors, ridge: np.ndarray | None = None
 ) -> dict[str, list[np.ndarray]]:
     """Ranked crops of the held-out photos, as `procrop crop` post-processes the model's
     proposals (key ""), and with retrieval two ablations of that post-processing on the same
@@ -199,7 +236,7 @@ def predict_variants(
     weight = model.config.transfer_weight
     out: dict[str, list[np.ndarray]] = {"": []}
     if neighbors is not None:
-        out |= {UNFUSED: [], NMS_07: []}
+        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], FLIP_RIDGE: []}
     for start in range(0, len(val), 64):
         idx = val[start : start + 64]
         arrays = [
@@ -208,16 +245,40 @@ def predict_variants(
         ]  # fmt: skip
         nb = neighbors[start : start + 64] if neighbors is not None else None
         scores, boxes = predict(model, CropInputs.from_arrays(batch_arrays(arrays, nb)))
+        if nb is not None:
+            mirrored = [dataclasses.replace(a, cues=_mirror_cells(a.cues)) for a in arrays]
+            flipped = [n.flipped() for n in nb]
+            m_scores, m_boxes = predict(
+                model, CropInputs.from_arrays(batch_arrays(mirrored, flipped))
+            )
+            m_top = flip_xyxy(m_boxes[np.arange(len(idx)), m_scores.argmax(1)])
         for j, (i, s, b) in enumerate(zip(idx, scores, boxes, strict=True)):
             w, h = corpus.sizes[i]
             if nb is None:
                 out[""].append(_ranked(s, b, w, h))
                 continue
-            fused = fuse_with_transfer(s, b, nb[j].median_crop(), weight)
+            median = nb[j].median_crop()
+            fused = fuse_with_transfer(s, b, median, weight)
             out[""].append(_ranked(s, fused, w, h))
             out[UNFUSED].append(_ranked(s, b, w, h))
             out[NMS_07].append(_ranked(s, fused, w, h, NMS_07_TOP))
+            best = int(np.argmax(s))
+            tta = b.copy()
+            tta[best] = (b[best] + m_top[j]) / 2
+            out[FLIP].append(_ranked(s, fuse_with_transfer(s, tta, median, weight), w, h))
+            assert ridge is not None
+            r = ridge[start + j]
+            for key, base in ((RIDGE, b), (FLIP_RIDGE, tta)):
+                three = base.copy()
+                three[best] = (base[best] + (median if median is not None else base[best]) + r) / 3
+                out[key].append(_ranked(s, three, w, h))
     return out
+
+
+def _mirror_cells(cells: np.ndarray) -> np.ndarray:
+    """(64, C) cells of an 8 x 8 grid, mirrored left-right."""
+    side = round(len(cells) ** 0.5)
+    return np.ascontiguousarray(cells.reshape(side, side, -1)[:, ::-1].reshape(len(cells), -1))
 
 
 def _ranked(
