@@ -72,7 +72,7 @@ UNFUSED = ", top-1 not fused with the kNN median"
 NMS_07 = ", alternatives by NMS at 0.7"
 FLIP = ", top-1 averaged with the mirrored pass's (cell-flip TTA)"
 RIDGE = ", top-1 fused with a ridge regression's box too"
-FLIP_RIDGE = ", cell-flip TTA and the ridge box both"
+NARROW = ", top-1 fused with the median crop of the model's K neighbours (not transfer_k)"
 Ranked = list[np.ndarray] | dict[str, list[np.ndarray]]  # a row's crops, or its variants' crops
 
 
@@ -141,10 +141,15 @@ def score(corpus: Corpus, val: np.ndarray, top: list[np.ndarray]) -> dict[str, f
     }  # fmt: skip
 
 
-def fold_neighbors(corpus: Corpus, photos: np.ndarray, pool: np.ndarray, k: int) -> list[Neighbors]:
-    found = knn(corpus.effnet.vectors, photos, pool, k)
+def fold_neighbors(
+    corpus: Corpus, photos: np.ndarray, pool: np.ndarray, k: int, transfer_k: int = 0
+) -> list[Neighbors]:
+    """Each photo's k nearest in `pool`, with the median crop of its `transfer_k` nearest."""
+    found = knn(corpus.effnet.vectors, photos, pool, max(k, transfer_k))
     return [
-        neighbors_from(corpus.effnet.tokens[row], [corpus.crops[j].tolist() for j in row], k)
+        neighbors_from(
+            corpus.effnet.tokens[row[:k]], [corpus.crops[j].tolist() for j in row], k, transfer_k
+        )
         for row in found
     ]
 
@@ -181,9 +186,10 @@ def train_and_predict(
         dataset.set_epoch(epoch)
         batches = scheduled_batches(loader, optimizer, optim, epoch)
         train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), optim.grad_clip)
-    neighbors = fold_neighbors(corpus, val, train, k) if retrieval else None
-    ridge = ridge_boxes(corpus, train, val) if retrieval else None
-    return predict_variants(model, corpus, val, neighbors, ridge)
+    if not retrieval:
+        return predict_variants(model, corpus, val, None)
+    neighbors = fold_neighbors(corpus, val, train, k, model_cfg.transfer_k)
+    return predict_variants(model, corpus, val, neighbors, ridge_boxes(corpus, train, val))
 
 
 def pooled(features: np.ndarray, side: int = 4) -> np.ndarray:
@@ -227,16 +233,18 @@ def predict_variants(
     model, corpus: Corpus, val: np.ndarray, neighbors, ridge: np.ndarray | None = None
 ) -> dict[str, list[np.ndarray]]:
     """Ranked crops of the held-out photos, as `procrop crop` post-processes the model's
-    proposals (key ""), and with retrieval two ablations of that post-processing on the same
-    trained model and proposals: the top-1 not fused with the neighbours' median crop, and the
-    alternatives by NMS at 0.7 (more diverse; tried, not shipped)."""
+    proposals (key ""), and with retrieval variants of that post-processing on the same trained
+    model and proposals (keys: the constants above): the top-1 not fused with the neighbours'
+    median crop; the alternatives by NMS at 0.7; the top-1 averaged with a second pass's on the
+    mirrored cells and neighbours; the ridge regression's box (`ridge`) as a third estimate; the
+    median crop of the model's K neighbours instead of its `transfer_k` nearest."""
     from services.cropper.inputs import PhotoArrays, batch_arrays
     from services.cropper.model import CropInputs
 
     weight = model.config.transfer_weight
     out: dict[str, list[np.ndarray]] = {"": []}
     if neighbors is not None:
-        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], FLIP_RIDGE: []}
+        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], NARROW: []}
     for start in range(0, len(val), 64):
         idx = val[start : start + 64]
         arrays = [
@@ -267,11 +275,13 @@ def predict_variants(
             tta[best] = (b[best] + m_top[j]) / 2
             out[FLIP].append(_ranked(s, fuse_with_transfer(s, tta, median, weight), w, h))
             assert ridge is not None
-            r = ridge[start + j]
-            for key, base in ((RIDGE, b), (FLIP_RIDGE, tta)):
-                three = base.copy()
-                three[best] = (base[best] + (median if median is not None else base[best]) + r) / 3
-                out[key].append(_ranked(s, three, w, h))
+            three = b.copy()
+            three[best] = (
+                b[best] + (median if median is not None else b[best]) + ridge[start + j]
+            ) / 3
+            out[RIDGE].append(_ranked(s, three, w, h))
+            narrow = median_box(nb[j].crops[nb[j].has_crop])
+            out[NARROW].append(_ranked(s, fuse_with_transfer(s, b, narrow, weight), w, h))
     return out
 
 

@@ -30,10 +30,11 @@ def photos() -> list[Path]:
 
 
 def model_digest() -> str:
-    """The weights and the int8 graph `procrop crop` runs (services/cropper/runtime.py)."""
+    """The weights, the int8 graph `procrop crop` runs (services/cropper/runtime.py) and the
+    config (its post-processing: `transfer_weight`, `transfer_k`)."""
     bundle = ROOT / "procrop" / "models" / "lite"
     digest = hashlib.sha256()
-    for name in ("model.safetensors", "model.int8.onnx"):
+    for name in ("model.safetensors", "model.int8.onnx", "config.json"):
         digest.update(hashlib.sha256((bundle / name).read_bytes()).digest())
     return digest.hexdigest()
 

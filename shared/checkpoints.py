@@ -97,6 +97,7 @@ class ModelCard:
     encoder: str  # the composition encoder its retrieval (and, for some, its backbone) reads
     k: int
     use_retrieval: bool
+    transfer_k: int = 0  # the median crop of this many nearest photos is fused in (0: k)
 
 
 def read_model_card(location: str, settings: Settings | None = None) -> ModelCard:
@@ -105,6 +106,9 @@ def read_model_card(location: str, settings: Settings | None = None) -> ModelCar
     try:
         profile = str(model["profile"])
         encoder = str(model.get("encoder", "sam" if profile == "paper" else "lite"))
-        return ModelCard(location, profile, encoder, int(model["k"]), bool(model["use_retrieval"]))
+        return ModelCard(
+            location, profile, encoder, int(model["k"]), bool(model["use_retrieval"]),
+            int(model.get("transfer_k", 0)),
+        )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{location}: config.json lacks {exc}") from None

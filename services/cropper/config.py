@@ -45,6 +45,9 @@ class ModelConfig:
     # the neighbours' median crop (0 = not at all; 0.5, their mean, for the lite-effnet profile,
     # chosen by 5-fold CV: benchmarks/cv_crop_models.py). Not a weight of the network.
     transfer_weight: float = 0.0
+    # ... toward the median crop of this many nearest photos (0: the model's k). The model still
+    # reads k; the median of more is steadier (5-fold CV: benchmarks/cv_crop_models.py).
+    transfer_k: int = 0
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -55,6 +58,8 @@ class ModelConfig:
             raise ProCropError("hidden_dim must be a multiple of num_heads")
         if not 0.0 <= self.transfer_weight <= 1.0:
             raise ProCropError("model config: transfer_weight must be in [0, 1]")
+        if not 0 <= self.transfer_k <= 1000:
+            raise ProCropError("model config: transfer_k must be in [0, 1000]")
         for name in ("input_size", "num_queries", "k", "token_dim", "dec_layers"):
             if getattr(self, name) <= 0:
                 raise ProCropError(f"model config: {name} must be positive")
@@ -121,6 +126,7 @@ PROFILES: dict[str, ModelConfig] = {
     # as image features, its 32-d tokens for the neighbours (configs/lite.toml).
     "lite-effnet": ModelConfig(
         encoder="effnet", backbone="features", cue_channels=1280, token_dim=32, transfer_weight=0.5,
+        transfer_k=30,
     ),
     "paper": ModelConfig(
         profile="paper", encoder="sam", backbone="resnet50", backbone_weights="imagenet", input_size=512,

@@ -224,7 +224,7 @@ def _retrieval(
     settings: Any, location: str, name: str | None, encoder: CompositionEncoder, runner: Runner
 ) -> Retrieval:
     """Milvus collection `name`, else the bundle's own index searched in memory."""
-    k = runner.config.k
+    k, transfer_k = runner.config.k, runner.config.transfer_k
     if name is not None:
         from services.retriever.neighbors import MilvusRetrieval
         from services.retriever.search import Retriever
@@ -233,10 +233,12 @@ def _retrieval(
         from shared.vector_index import open_index
 
         index, store = open_index(settings), build_object_store(settings)
-        return MilvusRetrieval(Retriever(name, encoder, index), TokenStore(store, name), k)
+        return MilvusRetrieval(
+            Retriever(name, encoder, index), TokenStore(store, name), k, transfer_k
+        )
     path = bundle_index(location)
     if path is None:
         raise ProCropError(f"{location} has no composition index: give --collection")
     from services.retriever.neighbors import BundleRetrieval
 
-    return BundleRetrieval(path, k, encoder.spec)
+    return BundleRetrieval(path, k, encoder.spec, transfer_k)

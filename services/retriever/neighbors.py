@@ -30,12 +30,14 @@ class Neighbors:
     """The K retrieved photos of one query.
 
     tokens: (K, 64, T) float32 composition tokens; crops: (K, 4) normalized xyxy crops (zeros where
-    a neighbour has none); has_crop: (K,) bool.
+    a neighbour has none); has_crop: (K,) bool; transfer: (4,) the median crop of a wider set of
+    nearest photos (the model config's `transfer_k`), or None: the K crops' median is used.
     """
 
     tokens: np.ndarray
     crops: np.ndarray
     has_crop: np.ndarray
+    transfer: np.ndarray | None = None
 
     def flipped(self) -> Neighbors:
         """Mirror image left-right: token grid columns reversed, crops mirrored."""
@@ -43,18 +45,25 @@ class Neighbors:
         side = round(n**0.5)
         tokens = self.tokens.reshape(k, side, side, t)[:, :, ::-1].reshape(k, n, t)
         crops = np.where(self.has_crop[:, None], flip_xyxy(self.crops), self.crops)
+        transfer = flip_xyxy(self.transfer) if self.transfer is not None else None
         return Neighbors(
-            np.ascontiguousarray(tokens), crops.astype(self.crops.dtype), self.has_crop
+            np.ascontiguousarray(tokens), crops.astype(self.crops.dtype), self.has_crop, transfer
         )
 
     def median_crop(self) -> np.ndarray | None:
-        """kNN crop transfer: the per-coordinate median of the neighbours' crops (normalized
-        xyxy), or None when none has a crop."""
+        """kNN crop transfer: the per-coordinate median crop (normalized xyxy) of the wider set
+        when there is one, else of the K neighbours' crops; None when none has a crop."""
+        if self.transfer is not None:
+            return self.transfer
         return median_box(self.crops[self.has_crop])
 
 
-def neighbors_from(tokens: np.ndarray, crops: list[list[float] | None], k: int) -> Neighbors:
-    """Pad or cut to exactly `k` neighbours (padding: zero tokens, no crop)."""
+def neighbors_from(
+    tokens: np.ndarray, crops: list[list[float] | None], k: int, transfer_k: int = 0
+) -> Neighbors:
+    """Pad or cut to exactly `k` neighbours (padding: zero tokens, no crop); `crops` may list
+    more photos (nearest first) than `k`: with `transfer_k` > 0, the median crop of the first
+    `transfer_k` of them is the transfer crop."""
     tokens = np.asarray(tokens, np.float32)[:k]
     boxes = np.zeros((k, 4), np.float32)
     has = np.zeros(k, bool)
@@ -64,7 +73,11 @@ def neighbors_from(tokens: np.ndarray, crops: list[list[float] | None], k: int) 
     if len(tokens) < k:
         pad = np.zeros((k - len(tokens), *tokens.shape[1:]), np.float32)
         tokens = np.concatenate([tokens, pad]) if len(tokens) else pad
-    return Neighbors(tokens, boxes, has)
+    transfer = None
+    if transfer_k:
+        wider = [c for c in crops[:transfer_k] if c is not None]
+        transfer = median_box(np.asarray(wider, np.float64)) if wider else None
+    return Neighbors(tokens, boxes, has, transfer)
 
 
 class Retrieval(Protocol):
@@ -78,11 +91,13 @@ class Retrieval(Protocol):
 class BundleRetrieval:
     """Exact search over a bundle's `index.safetensors` (see `services.retriever.bundle_index`)."""
 
-    def __init__(self, path: str | Path, k: int, encoder_spec: dict | None = None) -> None:
+    def __init__(
+        self, path: str | Path, k: int, encoder_spec: dict | None = None, transfer_k: int = 0
+    ) -> None:
         from services.retriever.bundle_index import read_index
 
         arrays, meta = read_index(Path(path))
-        self.k = k
+        self.k, self.transfer_k = k, transfer_k
         self.vectors = arrays["vectors"]  # (n, D) unit rows
         self.tokens = arrays["tokens"]  # (n, 64, T) float16
         self.crops, self.has_crop = arrays["crops"], arrays["has_crop"]
@@ -99,25 +114,28 @@ class BundleRetrieval:
         for row, sha in zip(scores, hashes, strict=True):
             if sha is not None:
                 row = np.where(self.hashes == sha, -np.inf, row)
-            top = np.argsort(-row, kind="stable")[: self.k]
+            top = np.argsort(-row, kind="stable")[: max(self.k, self.transfer_k)]
             crops = [self.crops[i].tolist() if self.has_crop[i] else None for i in top]
-            out.append(neighbors_from(self.tokens[top].astype(np.float32), crops, self.k))
+            tokens = self.tokens[top[: self.k]].astype(np.float32)
+            out.append(neighbors_from(tokens, crops, self.k, self.transfer_k))
         return out
 
 
 class MilvusRetrieval:
     """Search a collection of the vector index; tokens from its shards in the object store."""
 
-    def __init__(self, retriever: Retriever, tokens: TokenStore, k: int) -> None:
-        self.retriever, self.tokens, self.k = retriever, tokens, k
+    def __init__(
+        self, retriever: Retriever, tokens: TokenStore, k: int, transfer_k: int = 0
+    ) -> None:
+        self.retriever, self.tokens, self.k, self.transfer_k = retriever, tokens, k, transfer_k
 
     def neighbors(self, vectors: np.ndarray, hashes: Sequence[str | None]) -> list[Neighbors]:
-        rows = self.retriever.search_vectors(vectors, list(hashes), self.k)
+        rows = self.retriever.search_vectors(vectors, list(hashes), max(self.k, self.transfer_k))
         out = []
         for row in rows:
             if not row:
                 raise ProCropError("the composition index returned no neighbours (is it empty?)")
-            grids = self.tokens.read_many([(n.tokens_key, n.token_row) for n in row])
+            grids = self.tokens.read_many([(n.tokens_key, n.token_row) for n in row[: self.k]])
             crops = [n.crops_norm[0] if n.crops_norm else None for n in row]
-            out.append(neighbors_from(grids, crops, self.k))
+            out.append(neighbors_from(grids, crops, self.k, self.transfer_k))
         return out

@@ -76,7 +76,9 @@ def retrieval(spec_json: str) -> MilvusRetrieval:
     """Retrieval for vectors of the encoder `spec_json` (checked against the collection once)."""
     config, collection = crop_model()
     retriever = Retriever(collection, None, vector_index(), spec=json.loads(spec_json))
-    return MilvusRetrieval(retriever, TokenStore(object_store(), collection), config.k)
+    return MilvusRetrieval(
+        retriever, TokenStore(object_store(), collection), config.k, config.transfer_k
+    )
 
 
 def find_neighbors(job_id: str, features_key: str, sha256: str) -> str | None:
@@ -87,7 +89,10 @@ def find_neighbors(job_id: str, features_key: str, sha256: str) -> str | None:
     arrays, meta = get_arrays(features_key)
     [found] = retrieval(meta["encoder"]).neighbors(arrays["vector"][None], [sha256])
     key = job_key(job_id, "neighbors.safetensors")
-    put_arrays(key, {"tokens": found.tokens, "crops": found.crops, "has_crop": found.has_crop}, {})
+    arrays = {"tokens": found.tokens, "crops": found.crops, "has_crop": found.has_crop}
+    if found.transfer is not None:  # the median crop of the model's `transfer_k` nearest
+        arrays["transfer"] = found.transfer
+    put_arrays(key, arrays, {})
     return key
 
 

@@ -60,6 +60,16 @@ def test_median_crop_skips_neighbours_without_crops() -> None:
     assert neighbors_from(grid_tokens(2), [None, None], k=2).median_crop() is None
 
 
+def test_transfer_crop_is_the_median_of_the_wider_set_and_mirrors() -> None:
+    crops = [[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.9, 0.9], None, [0.3, 0.1, 1.0, 0.8], [0.4] * 4]
+    found = neighbors_from(grid_tokens(2), crops, k=2, transfer_k=4)
+    assert found.tokens.shape == (2, 64, 2) and found.crops.shape == (2, 4)  # the model reads k
+    np.testing.assert_allclose(found.median_crop(), [0.2, 0.1, 0.9, 0.8], atol=1e-7)  # first 4
+    np.testing.assert_allclose(found.flipped().median_crop(), [0.1, 0.1, 0.8, 0.8], atol=1e-7)
+    assert neighbors_from(grid_tokens(2), crops, k=2).transfer is None  # transfer_k 0: the k
+    assert neighbors_from(grid_tokens(2), [None] * 5, k=2, transfer_k=5).median_crop() is None
+
+
 def _bundle_index(path: Path, vectors: np.ndarray, hashes: list[str]) -> Path:
     """An `index.safetensors` as `export_index` writes it: photo i has crop [i/10, 0, 1, 1]."""
     n = len(hashes)
@@ -97,3 +107,18 @@ def test_bundle_search_refuses_another_encoder(tmp_path: Path) -> None:
     path = _bundle_index(tmp_path / "index.safetensors", np.eye(4)[:3], ["a", "b", "c"])
     with pytest.raises(ModelLoadError, match="another encoder"):
         BundleRetrieval(path, 2, {**SPEC, "encoder": "sam"})
+
+
+def test_bundle_search_takes_the_transfer_crop_from_more_photos_than_k(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((9, 4))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    path = _bundle_index(tmp_path / "index.safetensors", vectors, [f"h{i}" for i in range(9)])
+    query = rng.standard_normal((1, 4))
+    order = np.argsort(-(vectors @ query[0]))
+    [found] = BundleRetrieval(path, 2, transfer_k=5).neighbors(query, [None])
+    np.testing.assert_array_equal(found.tokens[:, 0, 0], 100 * order[:2])
+    np.testing.assert_allclose(found.crops[:, 0], order[:2] / 10, atol=1e-6)
+    assert found.median_crop()[0] == pytest.approx(np.median(order[:5]) / 10)
+    [narrow] = BundleRetrieval(path, 2).neighbors(query, [None])
+    assert narrow.median_crop()[0] == pytest.approx(np.median(order[:2]) / 10)
