@@ -200,6 +200,16 @@ def pooled(features: np.ndarray, side: int = 4) -> np.ndarray:
     return blocks.reshape(n, -1).astype(np.float64)
 
 
+def pooled_pca_vectors(features: np.ndarray, dim: int = 256) -> np.ndarray:
+    """(N, dim) unit search vectors: the 4 x 4-pooled cells, centred, on their `dim` principal
+    directions (fitted on all photos, labels unused, as the shipped token projection is)."""
+    x = pooled(features)
+    x -= x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    v = x @ vt[:dim].T
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
 def ridge_boxes(corpus: Corpus, train: np.ndarray, val: np.ndarray) -> np.ndarray:
     """(V, 4) crops of the held-out photos by ridge regression from the 4 x 4 pooled encoder
     cells to the expert crop, its penalty chosen by exact leave-one-out error on the training
@@ -307,6 +317,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="rows to run (by name)")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument(
+        "--vectors",
+        choices=("encoder", "pooled-pca"),
+        default="encoder",
+        help="search vectors: the effnet encoder's (shipped), or a candidate: 256 principal "
+        "directions of the centred 4 x 4-pooled cells [default: encoder]",
+    )
+    parser.add_argument(
         "--fold",
         type=int,
         nargs="*",
@@ -323,6 +340,12 @@ def main() -> None:
     )
     started = time.perf_counter()
     corpus = load_corpus(args.fcdb, optim.views, optim.seed, config.model)
+    if args.vectors == "pooled-pca":
+        effnet = corpus.effnet
+        vectors = pooled_pca_vectors(effnet.features)  # type: ignore[arg-type]
+        corpus = dataclasses.replace(
+            corpus, effnet=Embedding(effnet.tokens, vectors, effnet.features)
+        )
     encode_s = time.perf_counter() - started
     n, k = len(corpus.names), config.model.k
     folds = np.array_split(np.random.default_rng(args.seed).permutation(n), args.folds)
@@ -373,6 +396,7 @@ def main() -> None:
                 report[row]["paired_best_of_3_gain"] = _paired(per_fold[name], scores, "best_of_3")
             print(row, report[row], flush=True)
     emit("cv_crop_models", {"photos": n, "folds": args.folds, "epochs": optim.epochs,
+                            "vectors": args.vectors,
                             "encode_seconds": round(encode_s, 1), "rows": report,
                             "shipped_mb": shipped_sizes()})  # fmt: skip
 
