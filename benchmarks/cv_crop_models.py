@@ -57,6 +57,7 @@ from services.cropper.train import (
 from services.cropper.views import ViewCache, encode_views
 from services.embedder.base import Embedding
 from services.embedder.lite import LiteCompositionEncoder
+from services.embedder.pretrained import pool_cells
 from services.embedder.registry import build_encoder
 from services.retriever.neighbors import Neighbors, neighbors_from
 from shared.annotations import load_fcdb
@@ -192,18 +193,10 @@ def train_and_predict(
     return predict_variants(model, corpus, val, neighbors, ridge_boxes(corpus, train, val))
 
 
-def pooled(features: np.ndarray, side: int = 4) -> np.ndarray:
-    """(N, 64, C) cells of an 8 x 8 grid -> (N, side * side * C) means over equal blocks."""
-    n, cells, c = features.shape
-    step = round(cells**0.5) // side
-    blocks = features.reshape(n, side, step, side, step, c).mean((2, 4))
-    return blocks.reshape(n, -1).astype(np.float64)
-
-
 def pooled_pca_vectors(features: np.ndarray, dim: int = 256) -> np.ndarray:
     """(N, dim) unit search vectors: the 4 x 4-pooled cells, centred, on their `dim` principal
     directions (fitted on all photos, labels unused, as the shipped token projection is)."""
-    x = pooled(features)
+    x = pool_cells(features, 4).astype(np.float64)
     x -= x.mean(0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     v = x @ vt[:dim].T
@@ -214,7 +207,7 @@ def ridge_boxes(corpus: Corpus, train: np.ndarray, val: np.ndarray) -> np.ndarra
     """(V, 4) crops of the held-out photos by ridge regression from the 4 x 4 pooled encoder
     cells to the expert crop, its penalty chosen by exact leave-one-out error on the training
     photos alone (kernel form: there are more features than photos)."""
-    x = pooled(corpus.effnet.features[train])
+    x = pool_cells(corpus.effnet.features[train], 4).astype(np.float64)
     mean_x, mean_y = x.mean(0), corpus.crops[train].mean(0)
     x, y = x - mean_x, corpus.crops[train] - mean_y
     s, u = np.linalg.eigh(x @ x.T)
@@ -231,7 +224,7 @@ def ridge_boxes(corpus: Corpus, train: np.ndarray, val: np.ndarray) -> np.ndarra
 
     alpha = min(np.logspace(1, 7, 25), key=loo_error)
     dual = coefficients(alpha)
-    out = (pooled(corpus.effnet.features[val]) - mean_x) @ (x.T @ dual) + mean_y
+    out = (pool_cells(corpus.effnet.features[val], 4) - mean_x) @ (x.T @ dual) + mean_y
     return np.clip(out, 0.0, 1.0)
 
 
@@ -290,7 +283,7 @@ def predict_variants(
                 b[best] + (median if median is not None else b[best]) + ridge[start + j]
             ) / 3
             out[RIDGE].append(_ranked(s, three, w, h))
-            narrow = median_box(nb[j].crops[nb[j].has_crop])
+            narrow = dataclasses.replace(nb[j], transfer=None).median_crop()
             out[NARROW].append(_ranked(s, fuse_with_transfer(s, b, narrow, weight), w, h))
     return out
 

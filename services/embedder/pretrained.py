@@ -161,11 +161,16 @@ def embedding_from_features(fmap: np.ndarray, projection: dict[str, np.ndarray])
     b, c = fmap.shape[:2]
     features = fmap.reshape(b, c, NUM_TOKENS).transpose(0, 2, 1).astype(np.float32)  # (B, 64, C)
     tokens = (features - projection["mean"]) @ projection["components"]  # (B, 64, T)
-    t = tokens.shape[-1]
-    step = GRID // VECTOR_POOL
-    pooled = tokens.reshape(b, VECTOR_POOL, step, VECTOR_POOL, step, t).mean((2, 4))
-    vectors = l2_normalize(l2_normalize(pooled.reshape(b, -1)) @ _vector_projection(pooled[0].size))
+    pooled = pool_cells(tokens, VECTOR_POOL)
+    vectors = l2_normalize(l2_normalize(pooled) @ _vector_projection(pooled.shape[1]))
     return Embedding(tokens.astype(np.float32), vectors.astype(np.float32), features)
+
+
+def pool_cells(cells: np.ndarray, side: int) -> np.ndarray:
+    """(B, 64, C) cells of the 8 x 8 grid -> (B, side * side * C): means over equal blocks."""
+    b, c = cells.shape[0], cells.shape[-1]
+    step = GRID // side
+    return cells.reshape(b, side, step, side, step, c).mean((2, 4)).reshape(b, -1)
 
 
 @functools.cache  # drawn once per process, not once per batch
