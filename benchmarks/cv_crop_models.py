@@ -74,6 +74,8 @@ NMS_07 = ", alternatives by NMS at 0.7"
 FLIP = ", top-1 averaged with the mirrored pass's (cell-flip TTA)"
 RIDGE = ", top-1 fused with a ridge regression's box too"
 NARROW = ", top-1 fused with the median crop of the model's K neighbours (not transfer_k)"
+COVER = ", alternatives: the proposals that best cover the transfer_k neighbours' crops"
+COVER_NB = ", alternatives: proposals or neighbours' crops, best covering those crops"
 Ranked = list[np.ndarray] | dict[str, list[np.ndarray]]  # a row's crops, or its variants' crops
 
 
@@ -190,7 +192,9 @@ def train_and_predict(
     if not retrieval:
         return predict_variants(model, corpus, val, None)
     neighbors = fold_neighbors(corpus, val, train, k, model_cfg.transfer_k)
-    return predict_variants(model, corpus, val, neighbors, ridge_boxes(corpus, train, val))
+    wide = knn(corpus.effnet.vectors, val, train, max(k, model_cfg.transfer_k))
+    samples = [corpus.crops[row] for row in wide]
+    return predict_variants(model, corpus, val, neighbors, ridge_boxes(corpus, train, val), samples)
 
 
 def pooled_pca_vectors(features: np.ndarray, dim: int = 256) -> np.ndarray:
@@ -233,21 +237,24 @@ def predict_crops(model, corpus: Corpus, val: np.ndarray, neighbors) -> list[np.
 
 
 def predict_variants(
-    model, corpus: Corpus, val: np.ndarray, neighbors, ridge: np.ndarray | None = None
-) -> dict[str, list[np.ndarray]]:
+    model, corpus: Corpus, val: np.ndarray, neighbors, ridge: np.ndarray | None = None,
+    samples: list[np.ndarray] | None = None,
+) -> dict[str, list[np.ndarray]]:  # fmt: skip
     """Ranked crops of the held-out photos, as `procrop crop` post-processes the model's
     proposals (key ""), and with retrieval variants of that post-processing on the same trained
     model and proposals (keys: the constants above): the top-1 not fused with the neighbours'
     median crop; the alternatives by NMS at 0.7; the top-1 averaged with a second pass's on the
     mirrored cells and neighbours; the ridge regression's box (`ridge`) as a third estimate; the
-    median crop of the model's K neighbours instead of its `transfer_k` nearest."""
+    median crop of the model's K neighbours instead of its `transfer_k` nearest; the
+    alternatives chosen to cover `samples` (each photo's `transfer_k` nearest compositions'
+    crops), from the proposals, or from the proposals and those crops."""
     from services.cropper.inputs import PhotoArrays, batch_arrays
     from services.cropper.model import CropInputs
 
     weight = model.config.transfer_weight
     out: dict[str, list[np.ndarray]] = {"": []}
     if neighbors is not None:
-        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], NARROW: []}
+        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], NARROW: [], COVER: [], COVER_NB: []}
     for start in range(0, len(val), 64):
         idx = val[start : start + 64]
         arrays = [
@@ -285,6 +292,11 @@ def predict_variants(
             out[RIDGE].append(_ranked(s, three, w, h))
             narrow = dataclasses.replace(nb[j], transfer=None).median_crop()
             out[NARROW].append(_ranked(s, fuse_with_transfer(s, b, narrow, weight), w, h))
+            assert samples is not None
+            wide = samples[start + j]
+            out[COVER].append(_ranked(s, fused, w, h, samples=wide))
+            pooled = np.concatenate([s, np.full(len(wide), s.min() - 1.0)])
+            out[COVER_NB].append(_ranked(pooled, np.concatenate([fused, wide]), w, h, samples=wide))
     return out
 
 
@@ -295,9 +307,10 @@ def _mirror_cells(cells: np.ndarray) -> np.ndarray:
 
 
 def _ranked(
-    scores: np.ndarray, boxes: np.ndarray, w: int, h: int, request: CropRequest = TOP
-) -> np.ndarray:
-    result = select_crops(scores, boxes, w, h, request)
+    scores: np.ndarray, boxes: np.ndarray, w: int, h: int, request: CropRequest = TOP,
+    samples: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    result = select_crops(scores, boxes, w, h, request, samples)
     return np.asarray([np.asarray(c.box, np.float64) / [w, h, w, h] for c in result.crops])
 
 

@@ -83,6 +83,52 @@ def suppress_near_duplicates(
     return np.asarray(keep, np.int64)
 
 
+def cover_samples(
+    boxes_xyxy: ArrayLike,
+    scores: ArrayLike,
+    samples_xyxy: ArrayLike,
+    n: int,
+    iou_threshold: float = NEAR_DUPLICATE_IOU,
+) -> np.ndarray:
+    """The indices of `n` crops that together come closest to plausible expert crops: the
+    best-scored crop first, then, greedily, the crop that most raises the mean over the
+    `samples` (e.g. the crops of the photo's nearest compositions) of the best IoU any kept crop
+    has with each sample. A crop whose IoU with a kept crop is above `iou_threshold` is never
+    kept, and ties go to the better score. Minimum Bayes risk for best-of-n IoU, with the
+    samples as the posterior over the expert's crop.
+
+    Args:
+        boxes_xyxy: (N, 4) candidate crops, xyxy (any one scale; IoU ignores it).
+        scores: (N,) finite scores; the best one is kept first.
+        samples_xyxy: (S, 4) plausible crops in the same coordinates; S may be 0 (then this is
+            `suppress_near_duplicates`).
+        n: most indices returned, >= 1.
+    Returns:
+        (K,) int64 indices, K <= min(N, n), in the order kept.
+    """
+    boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+    score = np.asarray(scores, np.float64).reshape(-1)
+    samples = np.asarray(samples_xyxy, np.float64).reshape(-1, 4)
+    if len(samples) == 0 or len(boxes) == 0:
+        return suppress_near_duplicates(boxes, score, iou_threshold, max_keep=n)
+    _check_boxes(samples, "samples_xyxy")
+    first = suppress_near_duplicates(boxes, score, iou_threshold, max_keep=1)
+    ious, reach = box_iou(boxes, boxes), box_iou(boxes, samples)  # (N, N), (N, S)
+    keep = [int(first[0])]
+    covered = reach[keep[0]]
+    while len(keep) < n:
+        allowed = ious[:, keep].max(1) <= iou_threshold
+        if not allowed.any():
+            break
+        gain = np.maximum(reach, covered).mean(1)
+        # the best gain, then the best score: lexicographic over the allowed candidates
+        order = np.lexsort((-score, -gain))
+        best = int(order[allowed[order]][0])
+        keep.append(best)
+        covered = np.maximum(covered, reach[best])
+    return np.asarray(keep, np.int64)
+
+
 def ratio_value(ratio: AspectRatio | tuple[float, float]) -> float:
     """Width over height of a ratio given as W / H or as (W, H); must be positive and finite."""
     if isinstance(ratio, tuple) and not (ratio[0] > 0 and ratio[1] > 0):
@@ -228,18 +274,39 @@ def fuse_with_transfer(
     return fused
 
 
-def select_crops(
-    scores: np.ndarray, boxes_norm: np.ndarray, width: int, height: int, request: CropRequest
-) -> CropResult:
-    """Ranked proposals, scores (Q,) and normalized xyxy (Q, 4) -> the crops users get (pixel
-    xyxy inside the photo), near duplicates (IoU above `request.nms_iou`) suppressed."""
-    boxes = denormalize_xyxy(boxes_norm.astype(np.float64), width, height)
+def _pixel_boxes(boxes_norm: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Normalized xyxy (N, 4) -> float pixel xyxy inside the photo, never empty."""
+    boxes = denormalize_xyxy(np.asarray(boxes_norm, np.float64).reshape(-1, 4), width, height)
     boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1e-3)  # never empty
     boxes[:, 2] = np.minimum(boxes[:, 2], width)
     boxes[:, 3] = np.minimum(boxes[:, 3], height)
     boxes[:, :2] = np.minimum(boxes[:, :2], boxes[:, 2:] - 1e-3)
+    return boxes
+
+
+def select_crops(
+    scores: np.ndarray,
+    boxes_norm: np.ndarray,
+    width: int,
+    height: int,
+    request: CropRequest,
+    samples_norm: np.ndarray | None = None,
+) -> CropResult:
+    """Ranked proposals, scores (Q,) and normalized xyxy (Q, 4) -> the crops users get (pixel
+    xyxy inside the photo), near duplicates (IoU above `request.nms_iou`) suppressed. With
+    `samples_norm` (S, 4), plausible expert crops (the nearest compositions' crops), the
+    alternatives after the best are the proposals that best cover them (`cover_samples`)
+    instead of the next best scored."""
+    boxes = _pixel_boxes(boxes_norm, width, height)
+    samples = None if samples_norm is None else _pixel_boxes(samples_norm, width, height)
+
+    def pick(candidates: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        if samples is None:
+            return suppress_near_duplicates(candidates, ranks, request.nms_iou, request.n)
+        return cover_samples(candidates, ranks, samples, request.n, request.nms_iou)
+
     if not request.ratios:
-        keep = suppress_near_duplicates(boxes, scores, request.nms_iou, max_keep=request.n)
+        keep = pick(boxes, scores)
         return CropResult(
             width, height, [_free_crop(boxes[i], scores[i], width, height) for i in keep]
         )
@@ -248,7 +315,7 @@ def select_crops(
         fitted = np.stack([fit_aspect_ratio(b, ratio, width, height) for b in boxes])
         # The least-adjusted proposals rank first: score times the IoU of the fitted with the raw.
         fitted_scores = scores * box_iou(fitted, boxes).diagonal()
-        kept = suppress_near_duplicates(fitted, fitted_scores, request.nms_iou, max_keep=request.n)
+        kept = pick(fitted, fitted_scores)
         for i in kept:
             box = round_to_pixels(fitted[i], ratio, width, height)
             crops.append(Crop(tuple(int(v) for v in box), float(fitted_scores[i]), label))  # type: ignore[arg-type]

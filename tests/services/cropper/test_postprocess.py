@@ -10,10 +10,13 @@ import pytest
 
 from services.cropper.postprocess import (
     NEAR_DUPLICATE_IOU,
+    CropRequest,
+    cover_samples,
     fit_aspect_ratio,
     parse_aspect_ratio,
     ratio_value,
     round_to_pixels,
+    select_crops,
     suppress_near_duplicates,
 )
 from shared.boxes import box_iou
@@ -276,3 +279,66 @@ def test_fuse_with_transfer_moves_the_best_proposal_only() -> None:
     np.testing.assert_array_equal(boxes[1], [0.2, 0.2, 0.6, 0.6])  # the input is not changed
     assert fuse_with_transfer(scores, boxes, None, 0.5) is boxes  # no neighbour had a crop
     assert fuse_with_transfer(scores, boxes, transfer, 0.0) is boxes
+
+
+# --- cover_samples: alternatives that cover the plausible expert crops ------------------------
+
+# In a 100 x 100 photo: the best proposal is the left half; proposal 1 is a near copy of it
+# (IoU 0.8, not a near duplicate at 0.85), proposal 2 the right half (IoU 0 with 0).
+COVER_BOXES = np.array([[0, 0, 50, 100], [0, 0, 50, 80], [50, 0, 100, 100]], float)
+COVER_SCORES = np.array([0.9, 0.8, 0.3])
+LEFT, RIGHT = [0, 0, 50, 100], [50, 0, 100, 100]
+
+
+def test_cover_samples_picks_the_crop_that_covers_what_the_best_misses() -> None:
+    samples = np.array([LEFT, LEFT, RIGHT])  # a third of the experts would crop the right half
+    assert suppress_near_duplicates(COVER_BOXES, COVER_SCORES, max_keep=2).tolist() == [0, 1]
+    assert cover_samples(COVER_BOXES, COVER_SCORES, samples, 2).tolist() == [0, 2]
+    # Every sample already covered as well as it can be: the tie goes to the better score.
+    assert cover_samples(COVER_BOXES, COVER_SCORES, np.array([LEFT]), 3).tolist() == [0, 1, 2]
+
+
+def test_cover_samples_without_samples_is_nms() -> None:
+    for n in (1, 2, 4):
+        assert (
+            cover_samples(BOXES, SCORES, np.zeros((0, 4)), n).tolist()
+            == suppress_near_duplicates(BOXES, SCORES, max_keep=n).tolist()
+        )
+    assert cover_samples(np.zeros((0, 4)), np.zeros(0), np.array([LEFT]), 3).shape == (0,)
+
+
+def test_cover_samples_invariants_on_random_crops() -> None:
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 40, size=(60, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(50, 60, size=(60, 2))], axis=1)
+    scores = rng.uniform(size=60)
+    sxy = rng.uniform(0, 30, size=(30, 2))
+    samples = np.concatenate([sxy, sxy + rng.uniform(40, 70, size=(30, 2))], axis=1)
+    kept = cover_samples(boxes, scores, samples, 5)
+    assert kept[0] == np.argmax(scores) and len(set(kept.tolist())) == len(kept) == 5
+    ious, reach = box_iou(boxes, boxes), box_iou(boxes, samples)
+    assert np.all(ious[np.ix_(kept, kept)][~np.eye(5, dtype=bool)] <= NEAR_DUPLICATE_IOU)
+
+    def coverage(chosen: list[int]) -> float:
+        return float(reach[chosen].max(0).mean())
+
+    for m in range(1, 5):  # each pick is the allowed crop of greatest coverage
+        allowed = [i for i in range(60) if ious[i, kept[:m]].max() <= NEAR_DUPLICATE_IOU]
+        best = max(coverage([*kept[:m].tolist(), i]) for i in allowed)
+        assert coverage(kept[: m + 1].tolist()) == pytest.approx(best)
+    # The greedy set covers the samples at least as well as the best-scored NMS set.
+    nms = suppress_near_duplicates(boxes, scores, max_keep=5).tolist()
+    assert coverage(kept.tolist()) >= coverage(nms)
+
+
+def test_select_crops_with_samples_covers_them_for_free_and_ratio_requests() -> None:
+    samples = np.array([LEFT, LEFT, RIGHT]) / 100
+    free = select_crops(COVER_SCORES, COVER_BOXES / 100, 100, 100, CropRequest(2), samples)
+    assert [c.box for c in free.crops] == [(0, 0, 50, 100), (50, 0, 100, 100)]
+    plain = select_crops(COVER_SCORES, COVER_BOXES / 100, 100, 100, CropRequest(2))
+    assert [c.box for c in plain.crops] == [(0, 0, 50, 100), (0, 0, 50, 80)]
+    ratio = select_crops(
+        COVER_SCORES, COVER_BOXES / 100, 100, 100, CropRequest.parse(2, ["1:2"]), samples
+    )
+    assert sorted(c.box for c in ratio.crops) == [(0, 0, 50, 100), (50, 0, 100, 100)]
+    assert all(c.aspect_ratio == "1:2" for c in ratio.crops)
