@@ -11,10 +11,10 @@ Rows: the prior (median training crop); kNN-10 crop transfer over the weight-fre
 and over the pretrained `effnet` encoder; the ProCrop model on the effnet features backbone
 without retrieval and with it (the paper's ablation). Both models train with `configs/lite.toml`'s
 settings through the trainer's own dataset, views, loss, optimizer and schedule. The model with
-retrieval is post-processed as `procrop crop` does (its top-1 averaged with the neighbours' median
-crop), and scored again on the same proposals without that fusion and with a stronger NMS (0.7,
-tried and not shipped), with the per-fold paired difference (`paired_*_gain`: variant minus
-shipped).
+retrieval is post-processed as `procrop crop` does (its top-1 averaged with the median crop of the
+30 nearest compositions, the alternatives the proposals that best cover those 30 crops), and scored
+again on the same proposals with variants of that post-processing (`predict_variants`), with the
+per-fold paired difference (`paired_*_gain`: variant minus shipped).
 
     .venv/bin/python -m benchmarks.cv_crop_models [--epochs 30] [--folds 5] [--only ROW ...]
 
@@ -74,8 +74,7 @@ NMS_07 = ", alternatives by NMS at 0.7"
 FLIP = ", top-1 averaged with the mirrored pass's (cell-flip TTA)"
 RIDGE = ", top-1 fused with a ridge regression's box too"
 NARROW = ", top-1 fused with the median crop of the model's K neighbours (not transfer_k)"
-COVER = ", alternatives: the proposals that best cover the transfer_k neighbours' crops"
-COVER_NB = ", alternatives: proposals or neighbours' crops, best covering those crops"
+NEXT_BEST = ", alternatives: the next best scored (not covering the neighbours' crops)"
 Ranked = list[np.ndarray] | dict[str, list[np.ndarray]]  # a row's crops, or its variants' crops
 
 
@@ -192,9 +191,7 @@ def train_and_predict(
     if not retrieval:
         return predict_variants(model, corpus, val, None)
     neighbors = fold_neighbors(corpus, val, train, k, model_cfg.transfer_k)
-    wide = knn(corpus.effnet.vectors, val, train, max(k, model_cfg.transfer_k))
-    samples = [corpus.crops[row] for row in wide]
-    return predict_variants(model, corpus, val, neighbors, ridge_boxes(corpus, train, val), samples)
+    return predict_variants(model, corpus, val, neighbors, ridge_boxes(corpus, train, val))
 
 
 def pooled_pca_vectors(features: np.ndarray, dim: int = 256) -> np.ndarray:
@@ -237,24 +234,23 @@ def predict_crops(model, corpus: Corpus, val: np.ndarray, neighbors) -> list[np.
 
 
 def predict_variants(
-    model, corpus: Corpus, val: np.ndarray, neighbors, ridge: np.ndarray | None = None,
-    samples: list[np.ndarray] | None = None,
-) -> dict[str, list[np.ndarray]]:  # fmt: skip
+    model, corpus: Corpus, val: np.ndarray, neighbors, ridge: np.ndarray | None = None
+) -> dict[str, list[np.ndarray]]:
     """Ranked crops of the held-out photos, as `procrop crop` post-processes the model's
     proposals (key ""), and with retrieval variants of that post-processing on the same trained
-    model and proposals (keys: the constants above): the top-1 not fused with the neighbours'
-    median crop; the alternatives by NMS at 0.7; the top-1 averaged with a second pass's on the
-    mirrored cells and neighbours; the ridge regression's box (`ridge`) as a third estimate; the
-    median crop of the model's K neighbours instead of its `transfer_k` nearest; the
-    alternatives chosen to cover `samples` (each photo's `transfer_k` nearest compositions'
-    crops), from the proposals, or from the proposals and those crops."""
+    model and proposals (keys: the constants above): the alternatives by score (NMS at 0.85,
+    the old shipping) instead of covering the `transfer_k` nearest's crops; the top-1 not fused
+    with the neighbours' median crop; the alternatives by NMS at 0.7; the top-1 averaged with a
+    second pass's on the mirrored cells and neighbours; the ridge regression's box (`ridge`) as
+    a third estimate; the median crop of the model's K neighbours instead of its `transfer_k`
+    nearest."""
     from services.cropper.inputs import PhotoArrays, batch_arrays
     from services.cropper.model import CropInputs
 
-    weight = model.config.transfer_weight
+    weight, cover = model.config.transfer_weight, model.config.cover_alternatives
     out: dict[str, list[np.ndarray]] = {"": []}
     if neighbors is not None:
-        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], NARROW: [], COVER: [], COVER_NB: []}
+        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], NARROW: [], NEXT_BEST: []}
     for start in range(0, len(val), 64):
         idx = val[start : start + 64]
         arrays = [
@@ -276,27 +272,27 @@ def predict_variants(
                 out[""].append(_ranked(s, b, w, h))
                 continue
             median = nb[j].median_crop()
+            alt = nb[j].samples() if cover else None  # the alternatives cover these crops
             fused = fuse_with_transfer(s, b, median, weight)
-            out[""].append(_ranked(s, fused, w, h))
-            out[UNFUSED].append(_ranked(s, b, w, h))
+            out[""].append(_ranked(s, fused, w, h, samples=alt))
+            out[NEXT_BEST].append(_ranked(s, fused, w, h))
+            out[UNFUSED].append(_ranked(s, b, w, h, samples=alt))
             out[NMS_07].append(_ranked(s, fused, w, h, NMS_07_TOP))
             best = int(np.argmax(s))
             tta = b.copy()
             tta[best] = (b[best] + m_top[j]) / 2
-            out[FLIP].append(_ranked(s, fuse_with_transfer(s, tta, median, weight), w, h))
+            out[FLIP].append(
+                _ranked(s, fuse_with_transfer(s, tta, median, weight), w, h, samples=alt)
+            )
             assert ridge is not None
             three = b.copy()
             three[best] = (
                 b[best] + (median if median is not None else b[best]) + ridge[start + j]
             ) / 3
-            out[RIDGE].append(_ranked(s, three, w, h))
-            narrow = dataclasses.replace(nb[j], transfer=None).median_crop()
-            out[NARROW].append(_ranked(s, fuse_with_transfer(s, b, narrow, weight), w, h))
-            assert samples is not None
-            wide = samples[start + j]
-            out[COVER].append(_ranked(s, fused, w, h, samples=wide))
-            pooled = np.concatenate([s, np.full(len(wide), s.min() - 1.0)])
-            out[COVER_NB].append(_ranked(pooled, np.concatenate([fused, wide]), w, h, samples=wide))
+            out[RIDGE].append(_ranked(s, three, w, h, samples=alt))
+            narrow = dataclasses.replace(nb[j], wide=None).median_crop()
+            narrow_fused = fuse_with_transfer(s, b, narrow, weight)
+            out[NARROW].append(_ranked(s, narrow_fused, w, h, samples=alt))
     return out
 
 

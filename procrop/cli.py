@@ -329,8 +329,10 @@ def crop_cmd(
     """Propose the best crops of each IMAGE (JPEG, PNG or WebP), best first.
 
     Boxes are pixel x1 y1 x2 y2 in the original photo, with an aesthetic score in (0, 1).
-    Near-duplicate crops are suppressed, so the N crops differ visibly. With --aspect-ratio,
-    each crop has exactly that ratio: the model's best proposals adjusted as little as possible.
+    Near-duplicate crops are suppressed, so the N crops differ visibly; after the best-scored
+    one come the alternatives that best cover the crops chosen for the nearest compositions.
+    With --aspect-ratio, each crop has exactly that ratio: the model's proposals adjusted as
+    little as possible.
     """
     from procrop.cropping import run_crop
     from services.cropper.postprocess import CropRequest

@@ -48,6 +48,10 @@ class ModelConfig:
     # ... toward the median crop of this many nearest photos (0: the model's k). The model still
     # reads k; the median of more is steadier (5-fold CV: benchmarks/cv_crop_models.py).
     transfer_k: int = 0
+    # ... and the alternatives after the best crop are the proposals that best cover those
+    # nearest photos' crops (minimum Bayes risk for best-of-n IoU; 5-fold CV:
+    # benchmarks/cv_crop_models.py), not the next best scored.
+    cover_alternatives: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -60,6 +64,8 @@ class ModelConfig:
             raise ProCropError("model config: transfer_weight must be in [0, 1]")
         if not 0 <= self.transfer_k <= 1000:
             raise ProCropError("model config: transfer_k must be in [0, 1000]")
+        if not isinstance(self.cover_alternatives, bool):
+            raise ProCropError("model config: cover_alternatives must be true or false")
         for name in ("input_size", "num_queries", "k", "token_dim", "dec_layers"):
             if getattr(self, name) <= 0:
                 raise ProCropError(f"model config: {name} must be positive")
@@ -126,7 +132,7 @@ PROFILES: dict[str, ModelConfig] = {
     # as image features, its 32-d tokens for the neighbours (configs/lite.toml).
     "lite-effnet": ModelConfig(
         encoder="effnet", backbone="features", cue_channels=1280, token_dim=32, transfer_weight=0.5,
-        transfer_k=30,
+        transfer_k=30, cover_alternatives=True,
     ),
     "paper": ModelConfig(
         profile="paper", encoder="sam", backbone="resnet50", backbone_weights="imagenet", input_size=512,

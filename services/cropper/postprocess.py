@@ -296,7 +296,9 @@ def select_crops(
     xyxy inside the photo), near duplicates (IoU above `request.nms_iou`) suppressed. With
     `samples_norm` (S, 4), plausible expert crops (the nearest compositions' crops), the
     alternatives after the best are the proposals that best cover them (`cover_samples`)
-    instead of the next best scored."""
+    instead of the next best scored, in the order picked (so their scores need not fall).
+    With ratios, each ratio gets `request.n` crops, interleaved: every ratio's first crop (the
+    better scored first), then every ratio's second, and so on."""
     boxes = _pixel_boxes(boxes_norm, width, height)
     samples = None if samples_norm is None else _pixel_boxes(samples_norm, width, height)
 
@@ -310,17 +312,19 @@ def select_crops(
         return CropResult(
             width, height, [_free_crop(boxes[i], scores[i], width, height) for i in keep]
         )
-    crops = []
+    ranked: list[tuple[int, float, Crop]] = []
     for label, ratio in request.ratios:
         fitted = np.stack([fit_aspect_ratio(b, ratio, width, height) for b in boxes])
         # The least-adjusted proposals rank first: score times the IoU of the fitted with the raw.
         fitted_scores = scores * box_iou(fitted, boxes).diagonal()
-        kept = pick(fitted, fitted_scores)
-        for i in kept:
+        for rank, i in enumerate(pick(fitted, fitted_scores)):
             box = round_to_pixels(fitted[i], ratio, width, height)
-            crops.append(Crop(tuple(int(v) for v in box), float(fitted_scores[i]), label))  # type: ignore[arg-type]
-    crops.sort(key=lambda c: -c.score)
-    return CropResult(width, height, crops)
+            crop = Crop(tuple(int(v) for v in box), float(fitted_scores[i]), label)  # type: ignore[arg-type]
+            ranked.append((rank, -crop.score, crop))
+    # Every ratio's best crop first (by score), then every ratio's second, ...: each ratio's crops
+    # keep the order they were picked in, so its first n are what a request for n would get.
+    ranked.sort(key=lambda r: r[:2])
+    return CropResult(width, height, [crop for _, _, crop in ranked])
 
 
 def _free_crop(box: np.ndarray, score: float, width: int, height: int) -> Crop:

@@ -174,17 +174,17 @@ class CropPredictor:
             list(text) if text is not None else None,
         )
         scores, boxes = self.runner(batch)
-        proposals = list(boxes)
-        if neighbors is not None and self.config.transfer_weight and request.transfer:
-            weight = self.config.transfer_weight
-            proposals = [
-                fuse_with_transfer(s, b, nb.median_crop(), weight)
-                for s, b, nb in zip(scores, proposals, neighbors, strict=True)
-            ]
+        if neighbors is None or not request.transfer:  # the model's own proposals
+            pairs = zip(scores, boxes, sizes, strict=True)
+            return [select_crops(s, b, w, h, request) for s, b, (w, h) in pairs]
+        # The retrieved crops post-process the proposals (5-fold CV in the README): the top-1
+        # moves toward their median crop, and the alternatives are the proposals covering them.
+        weight, cover = self.config.transfer_weight, self.config.cover_alternatives
         return [
-            select_crops(s, b, w, h, request)
-            for s, b, (w, h) in zip(scores, proposals, sizes, strict=True)
-        ]
+            select_crops(s, fuse_with_transfer(s, b, nb.median_crop(), weight), w, h, request,
+                         nb.samples() if cover else None)
+            for s, b, nb, (w, h) in zip(scores, boxes, neighbors, sizes, strict=True)
+        ]  # fmt: skip
 
 
 def build_predictor(

@@ -47,9 +47,7 @@ def crop_photo(message: dict[str, Any]) -> dict[str, Any]:
     neighbors = None
     if model.config.use_retrieval and message.get("neighbors_key"):
         found, _ = get_arrays(message["neighbors_key"])  # already padded to K by the retriever
-        neighbors = Neighbors(
-            found["tokens"], found["crops"], found["has_crop"], found.get("transfer")
-        )
+        neighbors = Neighbors(found["tokens"], found["crops"], found["has_crop"], found.get("wide"))
     cells, text = features.get("features"), features.get("text")
     result = model.crop_precomputed(image, features["tokens"], neighbors, text, request, cells)
     return result.to_dict()

@@ -90,7 +90,11 @@ class Crop(BaseModel):
 class CropResult(BaseModel):
     width: int
     height: int
-    crops: list[Crop] = Field(description="Best first.")
+    crops: list[Crop] = Field(
+        description="The best-scored first, then the alternatives in the order the model picked "
+        "them (the shipped model: those adding the most cover of its nearest compositions' "
+        "crops); with aspect ratios, every ratio's first crop before any ratio's second."
+    )
 
 
 class JobAccepted(BaseModel):

@@ -30,14 +30,15 @@ class Neighbors:
     """The K retrieved photos of one query.
 
     tokens: (K, 64, T) float32 composition tokens; crops: (K, 4) normalized xyxy crops (zeros where
-    a neighbour has none); has_crop: (K,) bool; transfer: (4,) the median crop of a wider set of
-    nearest photos (the model config's `transfer_k`), or None: the K crops' median is used.
+    a neighbour has none); has_crop: (K,) bool; wide: (W, 4) float64 normalized xyxy crops of a
+    wider set of nearest photos (the model config's `transfer_k`; those without a crop left out,
+    so W may be 0), or None: the K neighbours' crops serve.
     """
 
     tokens: np.ndarray
     crops: np.ndarray
     has_crop: np.ndarray
-    transfer: np.ndarray | None = None
+    wide: np.ndarray | None = None
 
     def flipped(self) -> Neighbors:
         """Mirror image left-right: token grid columns reversed, crops mirrored."""
@@ -45,25 +46,28 @@ class Neighbors:
         side = round(n**0.5)
         tokens = self.tokens.reshape(k, side, side, t)[:, :, ::-1].reshape(k, n, t)
         crops = np.where(self.has_crop[:, None], flip_xyxy(self.crops), self.crops)
-        transfer = flip_xyxy(self.transfer) if self.transfer is not None else None
+        wide = flip_xyxy(self.wide) if self.wide is not None else None
         return Neighbors(
-            np.ascontiguousarray(tokens), crops.astype(self.crops.dtype), self.has_crop, transfer
+            np.ascontiguousarray(tokens), crops.astype(self.crops.dtype), self.has_crop, wide
         )
 
+    def samples(self) -> np.ndarray:
+        """(S, 4) the retrieved crops, plausible expert crops of the query: the wider set's
+        when there is one, else the K neighbours' that have one."""
+        return self.wide if self.wide is not None else self.crops[self.has_crop]
+
     def median_crop(self) -> np.ndarray | None:
-        """kNN crop transfer: the per-coordinate median crop (normalized xyxy) of the wider set
-        when there is one, else of the K neighbours' crops; None when none has a crop."""
-        if self.transfer is not None:
-            return self.transfer
-        return median_box(self.crops[self.has_crop])
+        """kNN crop transfer: the per-coordinate median (normalized xyxy) of `samples()`, or
+        None when there are none."""
+        return median_box(self.samples())
 
 
 def neighbors_from(
     tokens: np.ndarray, crops: list[list[float] | None], k: int, transfer_k: int = 0
 ) -> Neighbors:
     """Pad or cut to exactly `k` neighbours (padding: zero tokens, no crop); `crops` may list
-    more photos (nearest first) than `k`: with `transfer_k` > 0, the median crop of the first
-    `transfer_k` of them is the transfer crop."""
+    more photos (nearest first) than `k`: with `transfer_k` > 0, the crops of the first
+    `transfer_k` of them are the wider set (`Neighbors.wide`)."""
     tokens = np.asarray(tokens, np.float32)[:k]
     boxes = np.zeros((k, 4), np.float32)
     has = np.zeros(k, bool)
@@ -73,11 +77,11 @@ def neighbors_from(
     if len(tokens) < k:
         pad = np.zeros((k - len(tokens), *tokens.shape[1:]), np.float32)
         tokens = np.concatenate([tokens, pad]) if len(tokens) else pad
-    transfer = None
+    wide = None
     if transfer_k:
-        wider = [c for c in crops[:transfer_k] if c is not None]
-        transfer = median_box(np.asarray(wider, np.float64)) if wider else None
-    return Neighbors(tokens, boxes, has, transfer)
+        wide = np.asarray([c for c in crops[:transfer_k] if c is not None], np.float64)
+        wide = wide.reshape(-1, 4)
+    return Neighbors(tokens, boxes, has, wide)
 
 
 class Retrieval(Protocol):

@@ -90,8 +90,8 @@ def find_neighbors(job_id: str, features_key: str, sha256: str) -> str | None:
     [found] = retrieval(meta["encoder"]).neighbors(arrays["vector"][None], [sha256])
     key = job_key(job_id, "neighbors.safetensors")
     arrays = {"tokens": found.tokens, "crops": found.crops, "has_crop": found.has_crop}
-    if found.transfer is not None:  # the median crop of the model's `transfer_k` nearest
-        arrays["transfer"] = found.transfer
+    if found.wide is not None:  # the crops of the model's `transfer_k` nearest
+        arrays["wide"] = found.wide
     put_arrays(key, arrays, {})
     return key
 

@@ -106,7 +106,7 @@ def test_crop_json_ranked_inside_photo(bundle, photo_dir):
         assert (line["width"], line["height"]) == (w, h)
         assert 1 <= len(line["crops"]) <= 3
         scores = [c["score"] for c in line["crops"]]
-        assert scores == sorted(scores, reverse=True)
+        assert scores[0] == max(scores)  # the best first; the alternatives in the order picked
         for crop in line["crops"]:
             x1, y1, x2, y2 = crop["box"]
             assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h and crop["aspect_ratio"] is None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from services.cropper.config import profile_config
@@ -80,7 +81,10 @@ def test_ratio_request_gives_n_per_ratio_at_that_ratio(predictor, images) -> Non
     for crop in by_ratio["3:2"]:
         x1, y1, x2, y2 = crop.box
         assert (x2 - x1) * 2 == (y2 - y1) * 3
-    assert [c.score for c in result.crops] == sorted((c.score for c in result.crops), reverse=True)
+    # Every ratio's best first (the better scored first), then every ratio's second.
+    assert {c.aspect_ratio for c in result.crops[:2]} == {"1:1", "3:2"}
+    assert result.crops[0].score >= result.crops[1].score
+    assert all(crops[0].score >= crops[1].score for crops in by_ratio.values())  # NMS: by score
 
 
 def test_missing_inputs_are_refused(predictor, images) -> None:
@@ -103,6 +107,45 @@ def test_missing_inputs_are_refused(predictor, images) -> None:
 def test_bad_requests_name_what_is_wrong(n, ratios, message) -> None:
     with pytest.raises(ValueError, match=message):
         CropRequest.parse(n, ratios)
+
+
+def test_cover_alternatives_keeps_the_top_crop_and_covers_the_neighbours_crops(images) -> None:
+    """With `cover_alternatives` the first crop is unchanged and the alternatives cover the
+    retrieved crops at least as well as the next best scored; raw requests ignore it."""
+    import dataclasses
+
+    from services.cropper.pseudo_labels import round_request
+    from shared.boxes import box_iou
+
+    config = profile_config(
+        "lite", hidden_dim=32, num_heads=2, ffn_dim=64, k=K, num_queries=8, transfer_weight=0.5
+    )
+    samples = np.asarray([c for c in TableRetrieval().crops if c is not None])
+
+    def coverage(result, size: np.ndarray) -> float:
+        boxes = np.asarray([c.box for c in result.crops[:3]], np.float64) / size
+        return float(box_iou(boxes, samples).max(0).mean())
+
+    changed = 0
+    for seed in range(4):  # untrained models: whether the order changes depends on their weights
+        torch.manual_seed(seed)
+        model = build_model(config)
+        plain = CropPredictor(TorchRunner(model), LiteCompositionEncoder(), TableRetrieval())
+        runner = TorchRunner(model)
+        runner.config = dataclasses.replace(config, cover_alternatives=True)
+        covering = CropPredictor(runner, LiteCompositionEncoder(), TableRetrieval())
+        request = CropRequest.parse(8)  # every proposal: what changes is which come first
+        for image in images:
+            [before], [after] = (p.crop([image], [None], request) for p in (plain, covering))
+            assert after.crops[0] == before.crops[0]
+            size = np.tile(image.size, 2)
+            assert coverage(after, size) >= coverage(before, size) - 1e-3  # pixel rounding
+            changed += after.to_dict() != before.to_dict()
+            [raw], [raw_plain] = (
+                p.crop([image], [None], round_request(8)) for p in (covering, plain)
+            )
+            assert raw.to_dict() == raw_plain.to_dict()
+    assert changed  # the test would not see a selection that did nothing
 
 
 def test_transfer_weight_moves_only_the_top_crop_toward_the_neighbours_median(images) -> None:

@@ -66,8 +66,13 @@ def test_transfer_crop_is_the_median_of_the_wider_set_and_mirrors() -> None:
     assert found.tokens.shape == (2, 64, 2) and found.crops.shape == (2, 4)  # the model reads k
     np.testing.assert_allclose(found.median_crop(), [0.2, 0.1, 0.9, 0.8], atol=1e-7)  # first 4
     np.testing.assert_allclose(found.flipped().median_crop(), [0.1, 0.1, 0.8, 0.8], atol=1e-7)
-    assert neighbors_from(grid_tokens(2), crops, k=2).transfer is None  # transfer_k 0: the k
-    assert neighbors_from(grid_tokens(2), [None] * 5, k=2, transfer_k=5).median_crop() is None
+    np.testing.assert_array_equal(found.samples(), [crops[0], crops[1], crops[3]])  # first 4
+    np.testing.assert_allclose(found.flipped().samples()[2], [0.0, 0.1, 0.7, 0.8], atol=1e-7)
+    narrow = neighbors_from(grid_tokens(2), crops, k=2)  # transfer_k 0: the k
+    assert narrow.wide is None
+    np.testing.assert_allclose(narrow.samples(), crops[:2], atol=1e-7)
+    nothing = neighbors_from(grid_tokens(2), [None] * 5, k=2, transfer_k=5)
+    assert nothing.median_crop() is None and nothing.samples().shape == (0, 4)
 
 
 def _bundle_index(path: Path, vectors: np.ndarray, hashes: list[str]) -> Path:
