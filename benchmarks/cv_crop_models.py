@@ -75,6 +75,8 @@ FLIP = ", top-1 averaged with the mirrored pass's (cell-flip TTA)"
 RIDGE = ", top-1 fused with a ridge regression's box too"
 NARROW = ", top-1 fused with the median crop of the model's K neighbours (not transfer_k)"
 NEXT_BEST = ", alternatives: the next best scored (not covering the neighbours' crops)"
+MERGED = ", top-1: the score-weighted mean of the best proposal and those above IoU 0.7 with it (4 at most)"
+TOP4 = ", top-1: the score-weighted mean of the 4 best-scored proposals"
 Ranked = list[np.ndarray] | dict[str, list[np.ndarray]]  # a row's crops, or its variants' crops
 
 
@@ -243,14 +245,16 @@ def predict_variants(
     with the neighbours' median crop; the alternatives by NMS at 0.7; the top-1 averaged with a
     second pass's on the mirrored cells and neighbours; the ridge regression's box (`ridge`) as
     a third estimate; the median crop of the model's K neighbours instead of its `transfer_k`
-    nearest."""
+    nearest; the top-1 (before the fusion) the score-weighted mean of the proposals near the
+    best (one-to-many matching trains 4 proposals on each crop), or of the 4 best."""
     from services.cropper.inputs import PhotoArrays, batch_arrays
     from services.cropper.model import CropInputs
 
     weight, cover = model.config.transfer_weight, model.config.cover_alternatives
     out: dict[str, list[np.ndarray]] = {"": []}
     if neighbors is not None:
-        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], NARROW: [], NEXT_BEST: []}
+        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], NARROW: [], NEXT_BEST: [],
+                MERGED: [], TOP4: []}  # fmt: skip
     for start in range(0, len(val), 64):
         idx = val[start : start + 64]
         arrays = [
@@ -293,6 +297,13 @@ def predict_variants(
             narrow = dataclasses.replace(nb[j], wide=None).median_crop()
             narrow_fused = fuse_with_transfer(s, b, narrow, weight)
             out[NARROW].append(_ranked(s, narrow_fused, w, h, samples=alt))
+            order = np.argsort(-s, kind="stable")
+            close = order[box_iou(b[best][None], b[order])[0] > 0.7][:4]  # the best among them
+            for key, group in ((MERGED, close), (TOP4, order[:4])):
+                merged = b.copy()
+                merged[best] = (s[group, None] * b[group]).sum(0) / s[group].sum()
+                merged_fused = fuse_with_transfer(s, merged, median, weight)
+                out[key].append(_ranked(s, merged_fused, w, h, samples=alt))
     return out
 
 
