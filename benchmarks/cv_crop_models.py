@@ -253,8 +253,9 @@ def predict_variants(
     weight, cover = model.config.transfer_weight, model.config.cover_alternatives
     out: dict[str, list[np.ndarray]] = {"": []}
     if neighbors is not None:
-        out |= {UNFUSED: [], NMS_07: [], FLIP: [], RIDGE: [], NARROW: [], NEXT_BEST: [],
-                MERGED: [], TOP4: []}  # fmt: skip
+        out |= {UNFUSED: [], NMS_07: [], FLIP: [], NARROW: [], NEXT_BEST: [], MERGED: [], TOP4: []}
+        if ridge is not None:
+            out[RIDGE] = []
     for start in range(0, len(val), 64):
         idx = val[start : start + 64]
         arrays = [
@@ -288,12 +289,12 @@ def predict_variants(
             out[FLIP].append(
                 _ranked(s, fuse_with_transfer(s, tta, median, weight), w, h, samples=alt)
             )
-            assert ridge is not None
-            three = b.copy()
-            three[best] = (
-                b[best] + (median if median is not None else b[best]) + ridge[start + j]
-            ) / 3
-            out[RIDGE].append(_ranked(s, three, w, h, samples=alt))
+            if ridge is not None:  # weak_zero_shot asks without it
+                three = b.copy()
+                three[best] = (
+                    b[best] + (median if median is not None else b[best]) + ridge[start + j]
+                ) / 3
+                out[RIDGE].append(_ranked(s, three, w, h, samples=alt))
             narrow = dataclasses.replace(nb[j], wide=None).median_crop()
             narrow_fused = fuse_with_transfer(s, b, narrow, weight)
             out[NARROW].append(_ranked(s, narrow_fused, w, h, samples=alt))
