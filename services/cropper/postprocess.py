@@ -118,6 +118,7 @@ def cover_samples(
     covered = reach[keep[0]]
     while len(keep) < n:
         allowed = ious[:, keep].max(1) <= iou_threshold
+        allowed[keep] = False  # a kept crop overlaps itself at IoU 1, allowed at threshold 1
         if not allowed.any():
             break
         gain = np.maximum(reach, covered).mean(1)

@@ -298,6 +298,11 @@ def test_cover_samples_picks_the_crop_that_covers_what_the_best_misses() -> None
     assert cover_samples(COVER_BOXES, COVER_SCORES, np.array([LEFT]), 3).tolist() == [0, 1, 2]
 
 
+def test_cover_samples_at_threshold_one_never_keeps_a_crop_twice() -> None:
+    kept = cover_samples(COVER_BOXES, COVER_SCORES, np.array([LEFT]), 5, iou_threshold=1.0)
+    assert sorted(kept.tolist()) == [0, 1, 2]
+
+
 def test_cover_samples_without_samples_is_nms() -> None:
     for n in (1, 2, 4):
         assert (
