@@ -29,10 +29,10 @@ REQUEST = (100, 100)  # the README's example: the crop's ratio (1:1); the output
 
 
 def crop_one(cropper: smartcrop.SmartCrop, path: str) -> dict:
-    with Image.open(path) as raw:
-        image = ImageOps.exif_transpose(raw) or raw
-        image = image.convert("RGB") if image.mode != "RGB" else image
+    with Image.open(path) as image:
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # as `shared.images.decode_image`
+        image = image.convert("RGB") if image.mode != "RGB" else image
     top = cropper.crop(image, *REQUEST)["top_crop"]
     box = [top["x"], top["y"], top["x"] + top["width"], top["y"] + top["height"]]
     return {

@@ -476,6 +476,7 @@ def bundle_cmd(
         ONNX_FILE,
         example_arrays,
         export_onnx,
+        optimize_onnx,
         quantize_onnx,
     )
     from services.retriever.bundle_index import export_index
@@ -493,10 +494,12 @@ def bundle_cmd(
     error = export_onnx(model, out / ONNX_FILE, example)
     if error > 1e-3:
         raise ProCropError(f"the ONNX export differs from torch by {error:.2e}; not bundling it")
-    error = quantize_onnx(out / ONNX_FILE, out / INT8_FILE, example)
+    error = quantize_onnx(out / ONNX_FILE, out / INT8_FILE, example)  # from the plain graph
     if error > INT8_TOLERANCE:
         (out / INT8_FILE).unlink()
         click.echo(f"the int8 graph moves boxes by {error:.3f}; bundled the float graph only")
+    if optimize_onnx(out / ONNX_FILE, example) > 1e-4:
+        raise ProCropError("ONNX Runtime's optimized graph differs from the exported one")
     count = export_index(index, TokenStore(store, collection), collection, hashes, out)
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     click.echo(f"{out}: model + index of {count} photos ({size:.1f} MB)")

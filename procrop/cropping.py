@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 from PIL import Image, ImageDraw, ImageFont
+from threadpoolctl import threadpool_limits
 
 from services.cropper.postprocess import CropRequest, CropResult
 from services.cropper.predictor import CropPredictor, Prepared
@@ -59,7 +60,10 @@ def prepared_batches(
 
     size = predictor.batch_size
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    with ThreadPoolExecutor(PREPARE_THREADS) as pool:
+    # One BLAS thread: numpy's matrix products here are small (the encoder's token projection),
+    # and OpenBLAS's idle threads spin after each, taking the cores from ONNX Runtime: with them
+    # 100 photos cost 40-43 CPU-ms each instead of 33-36 (benchmarks.bench_crop_speed).
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(PREPARE_THREADS) as pool:
         pending = deque(pool.submit(load, chunk) for chunk in chunks[:PREFETCH])
         for i in range(len(chunks)):
             batch = pending.popleft().result()  # done batches are dropped: memory stays flat

@@ -30,6 +30,7 @@ from services.embedder.base import CompositionEncoder
 from services.retriever.neighbors import Neighbors, Retrieval
 from shared.checkpoints import bundle_index, model_location
 from shared.errors import ModelLoadError, ProCropError
+from shared.images import as_rgb
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class CropPredictor:
         can prepare the next batch while the model runs on this one."""
         if self.encoder is None:
             raise ValueError("this predictor has no composition encoder: use crop_precomputed")
-        images = [im.convert("RGB") for im in images]
+        images = [as_rgb(im) for im in images]
         # The model's pixels are resized from the photo itself (training resized its working
         # copies: the same bilinear, antialiased resize, one step instead of two). Retrieval
         # vectors come from the photo itself, as the index was built (vectors of the working
@@ -133,7 +134,7 @@ class CropPredictor:
             raise ValueError(
                 "this crop model reads BLIP text: run the embed worker with PROCROP_PROFILE=paper"
             )
-        arrays = [self._arrays(image.convert("RGB"), tokens, features)]
+        arrays = [self._arrays(as_rgb(image), tokens, features)]
         found = [neighbors] if self.config.use_retrieval and neighbors is not None else None
         texts = [text] if self.config.use_text and text is not None else None
         [result] = self._crops(arrays, found, texts, [image.size], request)

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -75,6 +76,9 @@ def trained_bundle(photo_dir, tmp_path_factory) -> Path:
     assert "index of 6 photos" in out
     graphs = {p.name for p in (tmp_path / "bundle").glob("*.onnx")}
     assert graphs == {"model.onnx", "model.int8.onnx"}
+    for graph in graphs:  # stored with ONNX Runtime's optimizations done (fused operators)
+        domains = {n.domain for n in onnx.load(str(tmp_path / "bundle" / graph)).graph.node}
+        assert "com.microsoft" in domains, graph
     return tmp_path / "bundle"
 
 

@@ -13,7 +13,14 @@ import pytest
 from PIL import Image
 
 from shared.errors import InvalidImageError
-from shared.images import check_photo, content_hash, decode_image, is_image_name, load_image
+from shared.images import (
+    as_rgb,
+    check_photo,
+    content_hash,
+    decode_image,
+    is_image_name,
+    load_image,
+)
 
 ORIENTATION = 0x0112
 
@@ -88,6 +95,14 @@ def test_other_png_modes_become_rgb(mode: str) -> None:
     decoded = decode_image(_encode(source, "PNG"))
     assert decoded.mode == "RGB"
     assert decoded.size == (12, 10)
+
+
+def test_as_rgb_copies_only_what_is_not_rgb() -> None:
+    rgb, gray = _noise(8, 6), _noise(8, 6).convert("L")
+    assert as_rgb(rgb) is rgb  # convert("RGB") would copy it (2 ms for an 800 x 535 photo)
+    converted = as_rgb(gray)
+    assert converted.mode == "RGB" and gray.mode == "L"
+    np.testing.assert_array_equal(np.asarray(converted)[..., 0], np.asarray(gray))
 
 
 def test_grayscale_stays_gray() -> None:

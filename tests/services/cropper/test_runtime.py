@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from services.cropper.checkpoint import save_checkpoint
@@ -19,6 +21,7 @@ from services.cropper.runtime import (
     build_runner,
     example_arrays,
     export_onnx,
+    optimize_onnx,
     quantize_onnx,
     rank_proposals,
 )
@@ -80,6 +83,7 @@ def test_the_int8_graph_is_run_where_the_bundle_has_one(tmp_path: Path) -> None:
     assert export_onnx(model, tmp_path / ONNX_FILE, example) < 1e-4
     error = quantize_onnx(tmp_path / ONNX_FILE, tmp_path / INT8_FILE, example)
     assert 0 < error < INT8_TOLERANCE  # int8 weights: near the float graph, not the same
+    assert "DynamicQuantizeMatMul" in _fused(tmp_path / INT8_FILE)  # stored optimized
     quantized, exact = build_runner(str(tmp_path)), build_runner(str(tmp_path), quantized=False)
     assert isinstance(quantized, OnnxRunner) and isinstance(exact, OnnxRunner)
     assert quantized.session._model_path.endswith(INT8_FILE)
@@ -93,6 +97,37 @@ def test_the_int8_graph_is_run_where_the_bundle_has_one(tmp_path: Path) -> None:
     for i in range(5):
         alone = quantized({name: value[i : i + 1] for name, value in arrays.items()})
         np.testing.assert_array_equal(alone[1][0], together[1][i])
+
+
+def _node_count(path: Path) -> int:
+    return len(onnx.load(str(path)).graph.node)
+
+
+def _fused(path: Path) -> set[str]:
+    """The graph's operators of ONNX Runtime's own domain (its fusions: FusedConv, ...)."""
+    return {n.op_type for n in onnx.load(str(path)).graph.node if n.domain == "com.microsoft"}
+
+
+def test_graphs_are_stored_optimized(bundle: Path, tmp_path: Path) -> None:
+    """`optimize_onnx` rewrites a graph with ONNX Runtime's optimizations done: fewer nodes, the
+    same outputs, and nothing left to do (a second pass changes nothing)."""
+    path = tmp_path / ONNX_FILE
+    path.write_bytes((bundle / ONNX_FILE).read_bytes())
+    config = build_runner(str(bundle), runtime="onnx").config
+    example = example_arrays(config, batch=3, seed=4)
+    plain = ort.InferenceSession(str(bundle / ONNX_FILE), providers=["CPUExecutionProvider"])
+    before = _node_count(path)
+    assert not _fused(path)
+    assert optimize_onnx(path, example) < 1e-5
+    after = _node_count(path)
+    assert after < before and {"FusedConv", "FusedMatMul"} <= _fused(path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    stored = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for a, b in zip(plain.run(None, example), stored.run(None, example), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert optimize_onnx(path, example) < 1e-6
+    assert _node_count(path) == after
 
 
 def test_onnx_without_an_export_is_an_error(bundle: Path, tmp_path: Path) -> None:

@@ -1,0 +1,40 @@
+"""`procrop crop`'s reading pipeline (procrop/cropping.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from threadpoolctl import threadpool_info
+
+from procrop.cropping import prepared_batches
+
+
+def _blas_threads() -> int:
+    return max(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+
+
+class _Recorder:
+    """Stands in for `CropPredictor.prepare`: records the BLAS threads each batch ran with."""
+
+    batch_size = 2
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def prepare(self, images, hashes):
+        self.threads.append(_blas_threads())
+        return [object() for _ in images]
+
+
+def test_batches_run_with_one_blas_thread(photo_dir: Path) -> None:
+    """OpenBLAS's idle threads spin after each small matrix product and take the cores from
+    ONNX Runtime, so the batches are prepared and cropped with one BLAS thread; the setting is
+    given back after the last batch."""
+    before = _blas_threads()
+    paths = sorted(str(p) for p in photo_dir.glob("*.jpg"))[:5]
+    recorder, during = _Recorder(), []
+    for photos, errors, prepared in prepared_batches(recorder, paths, 10**8):  # type: ignore[arg-type]
+        assert not errors and len(photos) == len(prepared)
+        during.append(_blas_threads())  # where the model runs on the batch
+    assert recorder.threads == [1, 1, 1] and during == [1, 1, 1]
+    assert _blas_threads() == before
