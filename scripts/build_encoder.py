@@ -2,8 +2,9 @@
 
     effnet_lite0.onnx              the frozen ImageNet EfficientNet-Lite0 up to its head conv,
                                    exported from the registry package's weights, checked against torch
-    effnet_lite0_pca.safetensors   mean and 32 principal directions of its feature cells over the
-                                   photos of FOLDER (default FCDB train): the token projection
+    effnet_lite0_pca.safetensors   over the photos of FOLDER (default FCDB train): mean and 32
+                                   principal directions of its feature cells (the token projection)
+                                   and the index vector's statistics (`fit_search_projection`)
 
     .venv/bin/python scripts/build_encoder.py [FOLDER] [--keep-onnx]
 
@@ -17,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from safetensors.numpy import save_file
 
 from services.cropper.dataset_io import drop_repeated_files
@@ -27,9 +27,10 @@ from services.embedder.pretrained import (
     OnnxNetwork,
     export_onnx,
     fit_projection,
+    fit_search_projection,
     pixels,
 )
-from shared.images import IMAGE_SUFFIXES
+from shared.images import IMAGE_SUFFIXES, decode_image, read_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 FCDB = ROOT.parent / "shared" / "data" / "fcdb" / "train"
@@ -44,12 +45,15 @@ def main(folder: Path = FCDB, export: bool = True) -> None:
     names = [p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
     paths = [folder / n for n in drop_repeated_files(sorted(names), folder)]
     network = OnnxNetwork(ONNX_FILE)
-    cells = []
+    cells, sampled, mids = [], [], []
     for start in range(0, len(paths), 16):
-        images = [Image.open(p).convert("RGB") for p in paths[start : start + 16]]
-        fmap = network(pixels(images))  # (B, 1280, 8, 8)
-        cells.append(fmap.transpose(0, 2, 3, 1).reshape(-1, fmap.shape[1])[::3])
-    projection = fit_projection(np.concatenate(cells))
+        images = [decode_image(read_bytes(p), str(p)) for p in paths[start : start + 16]]
+        fmap, mid = network(pixels(images))  # (B, 1280, 8, 8), (B, 112, 4, 4)
+        cells.append(fmap.reshape(*fmap.shape[:2], -1).transpose(0, 2, 1))  # (B, 64, 1280)
+        sampled.append(cells[-1].reshape(-1, fmap.shape[1])[::3])  # every third cell of a batch
+        mids.append(mid)
+    projection = fit_projection(np.concatenate(sampled))
+    projection |= fit_search_projection(np.concatenate(cells), np.concatenate(mids))
     meta = {"photos": str(len(paths)), "source": folder.name, "onnx_max_error": f"{error:.2e}"}
     save_file(projection, str(PCA_FILE), metadata=meta)
     print(json.dumps({"onnx": str(ONNX_FILE), "projection": str(PCA_FILE), **meta}))
