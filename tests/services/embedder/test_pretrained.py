@@ -223,5 +223,5 @@ def test_a_projection_file_without_the_search_statistics_is_refused(tmp_path: Pa
 
     old = {k: v for k, v in read_projection().items() if k in ("mean", "components")}
     save_file(old, str(tmp_path / "old.safetensors"))
-    with pytest.raises(ModelLoadError, match="lacks head_cells.*build_encoder"):
+    with pytest.raises(ModelLoadError, match=r"lacks head_cells.*build_encoder"):
         read_projection(tmp_path / "old.safetensors")
