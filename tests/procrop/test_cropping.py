@@ -10,7 +10,12 @@ from procrop.cropping import prepared_batches
 
 
 def _blas_threads() -> int:
-    return max(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+    """Threads of numpy's own BLAS (the wheel's OpenBLAS, pthreads: its setting is process-wide).
+    Other libraries loaded in the test process may bring their own OpenBLAS, whose OpenMP setting
+    is per thread; numpy's matrix products never use them."""
+    ours = [p for p in threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]]
+    assert ours, threadpool_info()
+    return max(pool["num_threads"] for pool in ours)
 
 
 class _Recorder:
