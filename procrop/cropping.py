@@ -60,7 +60,7 @@ def prepared_batches(
 
     size = predictor.batch_size
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    # One BLAS thread: numpy's matrix products here are small (the encoder's token projection),
+    # One BLAS thread: numpy's matrix products here are small (the encoder's projections),
     # and OpenBLAS's idle threads spin after each, taking the cores from ONNX Runtime: with them
     # 100 photos cost 40-43 CPU-ms each instead of 33-36 (benchmarks.bench_crop_speed).
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(PREPARE_THREADS) as pool:
