@@ -309,23 +309,37 @@ def select_crops(
         return cover_samples(candidates, ranks, samples, request.n, request.nms_iou)
 
     if not request.ratios:
-        keep = pick(boxes, scores)
-        return CropResult(
-            width, height, [_free_crop(boxes[i], scores[i], width, height) for i in keep]
-        )
+        free = [_free_crop(boxes[i], scores[i], width, height) for i in pick(boxes, scores)]
+        return CropResult(width, height, distinct_after_rounding(free, request.nms_iou))
     ranked: list[tuple[int, float, Crop]] = []
     for label, ratio in request.ratios:
         fitted = np.stack([fit_aspect_ratio(b, ratio, width, height) for b in boxes])
         # The least-adjusted proposals rank first: score times the IoU of the fitted with the raw.
         fitted_scores = scores * box_iou(fitted, boxes).diagonal()
-        for rank, i in enumerate(pick(fitted, fitted_scores)):
-            box = round_to_pixels(fitted[i], ratio, width, height)
-            crop = Crop(tuple(int(v) for v in box), float(fitted_scores[i]), label)  # type: ignore[arg-type]
+        crops = [
+            Crop(tuple(int(v) for v in round_to_pixels(fitted[i], ratio, width, height)),  # type: ignore[misc]
+                 float(fitted_scores[i]), label)
+            for i in pick(fitted, fitted_scores)
+        ]  # fmt: skip
+        for rank, crop in enumerate(distinct_after_rounding(crops, request.nms_iou)):
             ranked.append((rank, -crop.score, crop))
     # Every ratio's best crop first (by score), then every ratio's second, ...: each ratio's crops
     # keep the order they were picked in, so its first n are what a request for n would get.
     ranked.sort(key=lambda r: r[:2])
     return CropResult(width, height, [crop for _, _, crop in ranked])
+
+
+def distinct_after_rounding(crops: Sequence[Crop], iou_threshold: float) -> list[Crop]:
+    """`crops` (in their order) less any whose pixel box overlaps a kept one above
+    `iou_threshold`: proposals kept apart as floats can round to the same pixels in a photo of a
+    few pixels (a 2 x 2 photo gave three crops of 0 0 2 2). In photos of ordinary size rounding
+    moves an edge by half a pixel at most, so only a pair within a hair of the threshold could
+    change."""
+    if not crops:
+        return []
+    boxes = np.asarray([c.box for c in crops], np.float64)
+    order = -np.arange(len(crops), dtype=np.float64)  # as scores: the given order
+    return [crops[i] for i in suppress_near_duplicates(boxes, order, iou_threshold)]
 
 
 def _free_crop(box: np.ndarray, score: float, width: int, height: int) -> Crop:

@@ -347,3 +347,17 @@ def test_select_crops_with_samples_covers_them_for_free_and_ratio_requests() -> 
     )
     assert sorted(c.box for c in ratio.crops) == [(0, 0, 50, 100), (50, 0, 100, 100)]
     assert all(c.aspect_ratio == "1:2" for c in ratio.crops)
+
+
+def test_select_crops_of_a_tiny_photo_are_distinct_after_rounding() -> None:
+    # Three proposals far apart as floats (IoU < 0.85) that round to the same pixels of a 2 x 2
+    # photo: the user gets one crop, not three copies of it.
+    boxes = np.array([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.8, 0.8], [0.2, 0.2, 1.0, 1.0]])
+    assert box_iou(boxes, boxes)[np.triu_indices(3, 1)].max() < NEAR_DUPLICATE_IOU
+    scores = np.array([0.9, 0.8, 0.7])
+    free = select_crops(scores, boxes, 2, 2, CropRequest(3))
+    assert [c.box for c in free.crops] == [(0, 0, 2, 2)]
+    ratio = select_crops(scores, boxes, 2, 2, CropRequest.parse(3, ["1:1"]))
+    assert [c.box for c in ratio.crops] == [(0, 0, 2, 2)]
+    # The same proposals in a 100 x 100 photo stay three crops.
+    assert len(select_crops(scores, boxes, 100, 100, CropRequest(3)).crops) == 3
