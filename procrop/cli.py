@@ -53,8 +53,11 @@ def handle_errors(fn: F) -> F:
 
 
 def progress(total: int, unit: str) -> tqdm:
-    """A progress bar on stderr."""
-    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    """A progress bar on stderr when it is a terminal (none in pipes and logs, where it would be
+    noise glued to the messages)."""
+    return tqdm(
+        total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=None
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,6 +7,7 @@ a photo that cannot be read is reported on stderr and the others go on (exit sta
 from __future__ import annotations
 
 import json
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from pathlib import Path
 import click
 from PIL import Image, ImageDraw, ImageFont
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from services.cropper.postprocess import CropRequest, CropResult
 from services.cropper.predictor import CropPredictor, Prepared
@@ -85,7 +87,7 @@ def run_crop(
     failed = 0
     for photos, errors, prepared in prepared_batches(predictor, paths, max_pixels):
         for error in errors:
-            click.echo(f"procrop: skipped {error}", err=True)
+            tqdm.write(f"procrop: skipped {error}", file=sys.stderr)  # on its own line, bar or not
         failed += len(errors)
         for photo, result in zip(photos, predictor.crop_prepared(prepared, request), strict=True):
             click.echo(format_result(photo.path, result, as_json))
