@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,9 @@ SUPPORTED_FORMATS = frozenset(
 )  # MPO: multi-picture JPEG from cameras
 DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+# Files read as photos: far above any photo within the pixel cap (50 MP as an RGBA PNG without
+# compression is 200 MB), far below what would exhaust a worker's memory.
+MAX_FILE_BYTES = 256 * 2**20
 
 
 def content_hash(data: bytes) -> str:
@@ -34,12 +39,28 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """Read a photo file, turning I/O failures into `InvalidImageError`."""
+def read_bytes(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read a photo file, turning I/O failures into `InvalidImageError`. Only regular files (a
+    FIFO would block, /dev/zero never ends) of at most `max_bytes` are read."""
     try:
-        return Path(path).read_bytes()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidImageError(f"{path}: not a regular file")
+        if info.st_size > max_bytes:
+            raise InvalidImageError(
+                f"{path}: {_mb(info.st_size)} is over the {_mb(max_bytes)} limit"
+            )
+        with open(path, "rb") as file:
+            data = file.read(max_bytes + 1)  # the file may have grown since
     except OSError as exc:
         raise InvalidImageError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:
+        raise InvalidImageError(f"{path}: over the {_mb(max_bytes)} limit")
+    return data
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.0f} MB"
 
 
 def decode_image(

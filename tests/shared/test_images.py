@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -20,6 +21,7 @@ from shared.images import (
     decode_image,
     is_image_name,
     load_image,
+    read_bytes,
 )
 
 ORIENTATION = 0x0112
@@ -179,12 +181,14 @@ def test_load_image_reads_file(tmp_path: Path) -> None:
     assert image.mode == "RGB" and image.size == (20, 30)
 
 
-@pytest.mark.parametrize("what", ["missing", "directory"])
-def test_load_image_unreadable_path(tmp_path: Path, what: str) -> None:
+@pytest.mark.parametrize(
+    ("what", "message"), [("missing", "cannot read file"), ("directory", "not a regular file")]
+)
+def test_load_image_unreadable_path(tmp_path: Path, what: str, message: str) -> None:
     path = tmp_path / "nope.jpg"
     if what == "directory":
         path.mkdir()
-    with pytest.raises(InvalidImageError, match="cannot read file") as info:
+    with pytest.raises(InvalidImageError, match=message) as info:
         load_image(path)
     assert str(path) in str(info.value)
 
@@ -275,3 +279,21 @@ def test_check_photo_memory_does_not_grow_with_pixels(fmt: str, tmp_path: Path) 
 
     assert growth("check_photo") < 16 * 2**20
     assert growth("decode_image") > 100 * 2**20  # what the gateway paid before
+
+
+def test_read_bytes_refuses_what_is_not_a_bounded_regular_file(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"x" * 100)
+    assert read_bytes(photo, max_bytes=100) == b"x" * 100
+    with pytest.raises(InvalidImageError, match=r"photo.jpg: 0 MB is over the 0 MB limit"):
+        read_bytes(photo, max_bytes=99)
+    with pytest.raises(InvalidImageError, match="not a regular file"):
+        read_bytes("/dev/zero")  # endless: was read until memory ran out
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidImageError, match="not a regular file"):
+        read_bytes(fifo)  # opening it would block until a writer came
+    with pytest.raises(InvalidImageError, match="not a regular file"):
+        read_bytes(tmp_path)
+    with pytest.raises(InvalidImageError, match="cannot read file"):
+        read_bytes(tmp_path / "missing.jpg")
