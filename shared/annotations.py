@@ -107,18 +107,27 @@ def _detect_format(path: Path) -> str:
     )
 
 
+# What malformed JSON can raise while it is parsed and read: also OverflowError (1e400 is
+# infinity, and int() of it or float() of a 400-digit integer fails) and RecursionError (arrays
+# nested 100,000 deep).
+MALFORMED = (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, RecursionError)
+
+
 def load_fcdb(path: str | Path) -> dict[str, AnnotatedPhoto]:
     """Read an FCDB-format annotation file; raise `ProCropError` naming the file if malformed."""
     try:
         records = json.loads(Path(path).read_text())
         photos = [_fcdb_record(r) for r in records]
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+    except MALFORMED as exc:
         raise ProCropError(f"{path}: not an FCDB annotation file ({exc})") from None
-    valid = {p.image: p for p in photos if p is not None}
-    if len(valid) < len(photos):
+    inside = [p for p in photos if p is not None]
+    if len(inside) < len(photos):
         log.warning(
-            "%s: skipped %d crops that lie outside their photo", path, len(photos) - len(valid)
+            "%s: skipped %d crops that lie outside their photo", path, len(photos) - len(inside)
         )
+    valid = {p.image: p for p in inside}
+    if len(valid) < len(inside):
+        log.warning("%s: %d photos listed twice, the last kept", path, len(inside) - len(valid))
     return valid
 
 
@@ -153,7 +162,7 @@ def load_jsonl(path: str | Path, image_root: str | Path | None = None) -> dict[s
             item = _jsonl_photo(json.loads(line), root)
         except KeyError as exc:
             raise ProCropError(f"{path}:{number}: missing key {exc}") from None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             raise ProCropError(f"{path}:{number}: {exc}") from None
         if item[0] in first_line:
             raise ProCropError(

@@ -96,8 +96,20 @@ def test_no_warning_when_nothing_is_skipped(
         json.dumps([_record("a.jpg", 0, 10, [0, 0, 1, 1])]),  # zero width
         json.dumps([_record("a.jpg", 10, 10, [2, 2, 0, 5])]),  # empty crop
         json.dumps([_record("a.jpg", "ten", 10, [0, 0, 1, 1])]),  # type: ignore[arg-type]  # bad size
+        '[{"image": "a.jpg", "width": 1e400, "height": 8, "crop_xywh": [0, 0, 1, 1]}]',  # inf
+        "[" * 100_000 + "]" * 100_000,  # deeper than the parser's recursion
     ],
-    ids=["not-json", "not-a-list", "no-crop", "short-crop", "zero-width", "empty-crop", "bad-size"],
+    ids=[
+        "not-json",
+        "not-a-list",
+        "no-crop",
+        "short-crop",
+        "zero-width",
+        "empty-crop",
+        "bad-size",
+        "infinite-size",
+        "nested-100k",
+    ],
 )
 def test_malformed_file_names_the_path(tmp_path: Path, content: str) -> None:
     path = tmp_path / "broken.json"
@@ -397,3 +409,33 @@ def test_fixed_split_small_inputs() -> None:
     assert fixed_split(NAMES[:5], n_val=200) == ([], NAMES[:5])
     assert fixed_split(NAMES[:5], n_val=0) == (NAMES[:5], [])
     assert fixed_split([], n_val=3) == ([], [])
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"image": "b.jpg", "width": ' + "9" * 400 + ', "height": 8, "crops": []}',
+        '{"image": "b.jpg", "width": 10, "height": 10, "crops": [{"box": [0, 0, 5, '
+        + "9" * 400
+        + "]}]}",
+        '{"image": "b.jpg", "crops": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+    ids=["400-digit-size", "400-digit-box", "nested-100k"],
+)
+def test_jsonl_numbers_and_nesting_beyond_python_are_one_error(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "crops.jsonl"
+    path.write_text(json.dumps(GOOD_LINE) + "\n" + line + "\n")
+    with pytest.raises(ProCropError) as info:
+        load_jsonl(path)
+    assert f"{path}:2:" in str(info.value)
+
+
+def test_fcdb_photo_listed_twice_is_not_called_outside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([_record("a.jpg", 10, 10, [0, 0, 5, 5])] * 2))
+    assert list(load_fcdb(path)) == ["a.jpg"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 1 photos listed twice, the last kept"
+    ]
