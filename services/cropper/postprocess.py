@@ -317,7 +317,7 @@ def select_crops(
         # The least-adjusted proposals rank first: score times the IoU of the fitted with the raw.
         fitted_scores = scores * box_iou(fitted, boxes).diagonal()
         crops = [
-            Crop(tuple(int(v) for v in round_to_pixels(fitted[i], ratio, width, height)),  # type: ignore[misc]
+            Crop(tuple(int(v) for v in round_to_pixels(fitted[i], ratio, width, height)),  # type: ignore[arg-type]
                  float(fitted_scores[i]), label)
             for i in pick(fitted, fitted_scores)
         ]  # fmt: skip
