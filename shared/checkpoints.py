@@ -49,8 +49,12 @@ def bundle_index(location: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def open_location(location: str, settings: Settings | None = None) -> tuple[ObjectStore, str]:
-    """A checkpoint location (folder or s3://bucket/prefix) -> (store, key prefix)."""
+def open_location(
+    location: str, settings: Settings | None = None, create: bool = False
+) -> tuple[ObjectStore, str]:
+    """A checkpoint location (folder or s3://bucket/prefix) -> (store, key prefix). A local
+    folder is made only with `create` (where a run writes): looking for a model must not leave
+    empty folders behind when there is none."""
     from shared.storage import LocalObjectStore, build_object_store, parse_s3_uri
 
     if location.startswith("s3://"):
@@ -58,7 +62,9 @@ def open_location(location: str, settings: Settings | None = None) -> tuple[Obje
             raise ProCropError(f"{location}: set PROCROP_STORAGE__BACKEND=s3 to use an S3 location")
         bucket, prefix = parse_s3_uri(location)
         return build_object_store(settings, bucket=bucket), prefix.strip("/")
-    return LocalObjectStore(location), ""
+    if "://" in location:
+        raise ProCropError(f"{location}: give a folder or an s3://bucket/prefix location")
+    return LocalObjectStore(location, create=create), ""
 
 
 def location_key(prefix: str, name: str) -> str:

@@ -121,7 +121,7 @@ def train(
     torch.manual_seed(config.optim.seed)
     # 1-3. Annotations, split, index + relations, working copies with their neighbours.
     data = _prepare(config, settings, rank, world)
-    store, prefix = open_location(config.optim.out, settings)
+    store, prefix = open_location(config.optim.out, settings, create=True)
     model = build_model(config.model, load_backbone_weights=True).to(device)
     optimizer = build_optimizer(model, config.optim)
     state = read_trainer_state(store, _join(prefix, "last"))

@@ -129,7 +129,7 @@ def train_weak(
     the last epoch's record with every round's statistics."""
     weak, optim = config.weak, config.optim
     torch.manual_seed(optim.seed)
-    store, prefix = open_location(optim.out, settings)
+    store, prefix = open_location(optim.out, settings, create=True)
     # 1. The training set: sources gathered, indexed, related.
     assembled, data = _prepare(config, settings)
     run = _Run(config, settings, assembled, data, store, prefix)

@@ -16,8 +16,12 @@ _TMP_PREFIX = ".procrop-tmp-"  # in-flight writes; never listed
 class LocalObjectStore(ObjectStore):
     """Objects as files under `root`; the key is the relative path."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, create: bool = True) -> None:
+        """`create`: make the folder now (else reads of a missing folder find no objects, and
+        the first write makes it)."""
         self.root = Path(root).expanduser().resolve()
+        if not create:
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

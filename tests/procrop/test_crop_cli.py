@@ -189,8 +189,12 @@ def test_bad_requests_are_usage_errors(bundle, photo_dir, args, message):
 
 def test_missing_and_mismatched_checkpoints(settings, bundle, photo_dir, tmp_path):
     image = str(photo_dir / "coins.jpg")
-    code, _, err = run("crop", image, "--model", str(tmp_path / "nothing"))
+    code, _, err = run("crop", image, "--model", str(tmp_path / "nothing" / "here"))
     assert code == 1 and "no crop model at" in err
+    assert not (tmp_path / "nothing").exists()  # looking for a model creates no folders
+    code, _, err = run("crop", image, "--model", "http://example.com/model")
+    assert code == 1 and "give a folder or an s3://bucket/prefix location" in err
+    assert not Path("http:").exists()
     config = json.loads((bundle / "config.json").read_text())
     config["model"]["num_queries"] += 1
     (bundle / "config.json").write_text(json.dumps(config))
