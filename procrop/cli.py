@@ -565,7 +565,7 @@ def _cad_embedded(settings: Settings, params: Any, out: str) -> dict[str, Any]:
     from services.outpainter.run import run_embedded
     from shared.checkpoints import open_location
 
-    store, prefix = open_location(out, settings)
+    store, prefix = open_location(out, settings, create=True)
     prefix = f"{prefix}/" if prefix else ""
     params.check(settings)
     with progress(0, "item") as bar:
