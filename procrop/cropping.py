@@ -26,27 +26,38 @@ from shared.images import content_hash, decode_image, read_bytes
 
 PREPARE_THREADS = 2  # threads reading and preparing batches while the model runs
 PREFETCH = 3  # batches in flight
+DECODED_AT_ONCE = 2  # photos a reading thread holds decoded (the encoder's run size)
 OVERLAY_COLOURS = ("#ff3b30", "#ffcc00", "#34c759", "#0a84ff", "#af52de", "#ff9500")
 
 
 @dataclass(frozen=True)
 class Photo:
+    """A photo read and prepared. Its file's bytes, not its pixels, are kept for the outputs:
+    batches in flight held 4 x 16 decoded photos, 1.9 GB for 48 photos of 12 MP."""
+
     path: str
     sha256: str
-    image: Image.Image
+    data: bytes
+
+    def image(self, max_pixels: int) -> Image.Image:
+        return decode_image(self.data, self.path, max_pixels)
 
 
-def read_photos(paths: Sequence[str], max_pixels: int) -> tuple[list[Photo], list[str]]:
-    """Decoded photos, and an error message for each photo that failed."""
+def read_photos(
+    paths: Sequence[str], max_pixels: int
+) -> tuple[list[Photo], list[Image.Image], list[str]]:
+    """Photos read, their decoded images, and an error message for each photo that failed."""
     photos: list[Photo] = []
+    images: list[Image.Image] = []
     errors: list[str] = []
     for path in paths:
         try:
             data = read_bytes(path)
-            photos.append(Photo(path, content_hash(data), decode_image(data, path, max_pixels)))
+            images.append(decode_image(data, path, max_pixels))
+            photos.append(Photo(path, content_hash(data), data))
         except InvalidImageError as exc:
             errors.append(str(exc))
-    return photos, errors
+    return photos, images, errors
 
 
 def prepared_batches(
@@ -56,9 +67,18 @@ def prepared_batches(
     worker thread while the caller runs the model on this one (two cores, both busy)."""
 
     def load(chunk: Sequence[str]) -> tuple[list[Photo], list[str], list[Prepared]]:
-        photos, errors = read_photos(chunk, max_pixels)
-        images, hashes = [p.image for p in photos], [p.sha256 for p in photos]
-        return photos, errors, predictor.prepare(images, hashes) if photos else []
+        # A few photos decoded at a time, each group prepared before the next is decoded: a
+        # batch of 16 decoded 12 MP photos is 0.6 GB, and two batches are read at once.
+        photos: list[Photo] = []
+        errors: list[str] = []
+        prepared: list[Prepared] = []
+        for start in range(0, len(chunk), DECODED_AT_ONCE):
+            got, images, failed = read_photos(chunk[start : start + DECODED_AT_ONCE], max_pixels)
+            photos += got
+            errors += failed
+            if got:
+                prepared += predictor.prepare(images, [p.sha256 for p in got])
+        return photos, errors, prepared
 
     size = predictor.batch_size
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
@@ -92,7 +112,7 @@ def run_crop(
         for photo, result in zip(photos, predictor.crop_prepared(prepared, request), strict=True):
             click.echo(format_result(photo.path, result, as_json))
             if out is not None:
-                write_outputs(photo, result, out)
+                write_outputs(photo.path, photo.image(max_pixels), result, out)
         if on_progress:
             on_progress(len(photos) + len(errors))
     return failed
@@ -108,13 +128,13 @@ def format_result(path: str, result: CropResult, as_json: bool) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(photo: Photo, result: CropResult, out: Path) -> None:
-    """`STEM.crop1.jpg`... (best first) and `STEM.overlay.png` in `out`."""
+def write_outputs(path: str, image: Image.Image, result: CropResult, out: Path) -> None:
+    """`STEM.crop1.jpg`... (best first) and `STEM.overlay.png` in `out`, STEM being `path`'s."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = Path(photo.path).stem
+    stem = Path(path).stem
     for rank, crop in enumerate(result.crops, 1):
-        photo.image.crop(crop.box).save(out / f"{stem}.crop{rank}.jpg", quality=92)
-    overlay(photo.image, result).save(out / f"{stem}.overlay.png")
+        image.crop(crop.box).save(out / f"{stem}.crop{rank}.jpg", quality=92)
+    overlay(image, result).save(out / f"{stem}.overlay.png")
 
 
 def overlay(image: Image.Image, result: CropResult) -> Image.Image:
