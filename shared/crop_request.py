@@ -18,8 +18,10 @@ MIN_RATIO, MAX_RATIO = 0.1, 10.0
 MAX_RATIO_CHARS = 32  # "W:H" text longer than this is refused before it is parsed
 
 AspectRatio = tuple[int, int] | float
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"  # unsigned decimal: no sign, exponent, inf or nan
-RATIO_PATTERN = rf"^\s*{_NUMBER}\s*:\s*{_NUMBER}\s*$"  # the syntax; the range is checked apart
+# Unsigned decimal in ASCII digits (\d would take "١٦" or "１６" and echo them back as the
+# label): no sign, exponent, inf or nan.
+_NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+RATIO_PATTERN = rf"^ *{_NUMBER} *: *{_NUMBER} *$"  # the syntax (spaces only); the range apart
 _RATIO_PATTERN = re.compile(RATIO_PATTERN)
 
 
@@ -58,5 +60,10 @@ def check_crop_request(n: int, aspect_ratios: Sequence[str]) -> None:
         raise ValueError(
             f"at most {MAX_ASPECT_RATIOS} aspect ratios per request, got {len(aspect_ratios)}"
         )
+    seen: dict[float, str] = {}
     for text in aspect_ratios:
-        parse_aspect_ratio(text)
+        parsed = parse_aspect_ratio(text)
+        value = round(parsed[0] / parsed[1] if isinstance(parsed, tuple) else parsed, 9)
+        if value in seen:  # "16:9" twice, or "32:18": the same crops twice, under two labels
+            raise ValueError(f"aspect ratios {seen[value]!r} and {text!r} are the same ratio")
+        seen[value] = text

@@ -141,6 +141,11 @@ def test_parse_aspect_ratio(text: str, expected: tuple[int, int] | float) -> Non
         "1:10.5",
         "100000:1",
         "100000000000000000:1",
+        "16:\t9",  # spaces only: other whitespace came back in the label
+        "16\u00a0:9",
+        "16:9\n",
+        "\u0661\u0666:\u0669",  # Arabic-Indic digits
+        "\uff11\uff16:\uff19",  # full-width digits
     ],
 )
 def test_parse_aspect_ratio_errors_name_the_value(text: str) -> None:
@@ -361,3 +366,15 @@ def test_select_crops_of_a_tiny_photo_are_distinct_after_rounding() -> None:
     assert [c.box for c in ratio.crops] == [(0, 0, 2, 2)]
     # The same proposals in a 100 x 100 photo stay three crops.
     assert len(select_crops(scores, boxes, 100, 100, CropRequest(3)).crops) == 3
+
+
+@pytest.mark.parametrize(
+    "ratios",
+    [["16:9", "16:9"], ["16:9", "32:18"], ["1:1", "4:4"], ["1.5:1", "3:2"], ["2:1", "4:2.0"]],
+)
+def test_the_same_ratio_twice_is_refused(ratios: list[str]) -> None:
+    # Each ratio gets its own n crops: the same ratio twice gave every crop twice.
+    with pytest.raises(ValueError, match="are the same ratio") as info:
+        CropRequest.parse(3, ratios)
+    assert repr(ratios[0]) in str(info.value) and repr(ratios[1]) in str(info.value)
+    assert len(CropRequest.parse(3, ["16:9", "9:16", "1.91:1"]).ratios) == 3
