@@ -14,7 +14,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -346,6 +346,7 @@ def crop_cmd(
     except ValueError as exc:
         _fail(str(exc), status=2)  # a usage error, in one line
     if out is not None:
+        _distinct_stems(images)
         _writable_folder(out)  # before the model loads, not after the first photo
     predictor = build_predictor(settings, profile or settings.profile, model, collection)
     with progress(len(images), "photo") as bar:
@@ -354,6 +355,17 @@ def crop_cmd(
         )
     if failed:
         sys.exit(1)
+
+
+def _distinct_stems(images: Sequence[str]) -> None:
+    """A usage error unless every photo has its own STEM for --out's STEM.cropN.jpg files (the
+    last of two photos named x.jpg and x.png silently overwrote the other's)."""
+    first: dict[str, str] = {}
+    for image in images:
+        stem = Path(image).stem
+        if stem in first and first[stem] != image:
+            _fail(f"{first[stem]} and {image} would write the same files in --out", status=2)
+        first.setdefault(stem, image)
 
 
 def _writable_folder(folder: Path) -> None:

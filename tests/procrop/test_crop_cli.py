@@ -130,6 +130,21 @@ def test_crop_exact_aspect_ratios(bundle, photo_dir):
         assert abs((x2 - x1) / (y2 - y1) - target) <= 1.0 / (y2 - y1)  # exact up to a pixel
 
 
+def test_crop_out_refuses_two_photos_of_one_stem(bundle, photo_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    shutil.copy(photo_dir / "astronaut.jpg", a / "x.jpg")
+    Image.open(photo_dir / "coins.jpg").save(b / "x.png")
+    out_dir = tmp_path / "out"
+    code, _, err = run("crop", str(a / "x.jpg"), str(b / "x.png"), "--out", str(out_dir))
+    assert code == 2 and f"{a / 'x.jpg'} and {b / 'x.png'} would write the same files" in err
+    assert not out_dir.exists()  # refused before anything ran
+    code, _, err = run(
+        "crop", str(a / "x.jpg"), str(a / "x.jpg"), "--model", str(bundle), "--out", str(out_dir)
+    )
+    assert code == 0, err  # one photo twice: the same files, written twice
+
+
 def test_crop_out_writes_crops_and_overlay(bundle, photo_dir, tmp_path):
     out_dir = tmp_path / "out"
     code, out, err = run(
