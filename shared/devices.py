@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.errors import ModelLoadError
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,15 +23,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
     Raises:
         ValueError: `device` is not a device name torch knows.
+        ModelLoadError: a CUDA device this process cannot use (torch would fail later, at the
+            first tensor moved there, with a traceback).
     """
     import torch
 
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        picked = torch.device(device)
     except RuntimeError as exc:
         raise ValueError(f"unknown torch device {device!r}: {exc}") from None
+    if picked.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (picked.index or 0) >= count:
+            raise ModelLoadError(
+                f"device {device!r} asked for, but torch sees {count} CUDA devices"
+            )
+    return picked
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

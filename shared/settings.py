@@ -38,6 +38,10 @@ _SECRET_FIELDS = {"api_keys", "secret_key", "token", "chat_api_key"}
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
+# torch devices the workers and the CLI accept (a typo was a traceback from torch at model load).
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
+
+
 class StorageSettings(BaseModel):
     """Object storage for images, tokens, features, manifests and checkpoints (see shared/storage)."""
 
@@ -106,7 +110,7 @@ class EmbedderSettings(BaseModel):
         "Salesforce/blip-itm-base-coco"  # image-text model for the multimodal embedding
     )
     blip_caption_model: str = "Salesforce/blip-image-captioning-base"  # hub id or local folder
-    device: str = "auto"  # "auto" picks cuda when available
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)  # "auto": cuda when available
     batch_size: int = Field(default=8, ge=1, le=256)
 
 
@@ -115,7 +119,7 @@ class CropSettings(BaseModel):
 
     model: str | None = None  # checkpoint or bundle folder, or s3:// prefix; None: shipped lite
     collection: str | None = None  # composition index to retrieve from; None: the bundle's own
-    device: str = "auto"
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     runtime: Literal["auto", "onnx", "torch"] = "auto"  # auto: ONNX Runtime for bundles on a CPU
     quantized: bool = True  # on ONNX Runtime, the bundle's int8 graph where it has one
     batch_size: int = Field(default=16, ge=1, le=1024)
@@ -208,7 +212,7 @@ class CadSettings(BaseModel):
     guidance_scale: float = Field(default=7.5, ge=0)
     work_side: int = Field(default=512, ge=64, le=2048)  # the diffusion model's canvas long side
     dtype: Literal["auto", "float16", "float32"] = "auto"  # auto: float16 on a GPU
-    device: str = "auto"
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     batch_size: int = Field(default=4, ge=1, le=64)
     # Quality filter (see services/outpainter/quality.py for what each measures).
     seam_max: float = Field(default=2.5, gt=0)

@@ -103,6 +103,9 @@ def test_unprefixed_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> No
         ("PROCROP_EMBEDDER__ENCODER", "clip"),
         ("PROCROP_EMBEDDER__BATCH_SIZE", "0"),
         ("PROCROP_MILVUS__TIMEOUT_S", "0"),
+        ("PROCROP_CROP__DEVICE", "bogus"),  # was a traceback from torch at model load
+        ("PROCROP_EMBEDDER__DEVICE", "cuda:x"),
+        ("PROCROP_CAD__DEVICE", "gpu"),
     ],
 )
 def test_invalid_value_names_the_variable(
