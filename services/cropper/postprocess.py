@@ -234,7 +234,7 @@ class CropRequest:
 @dataclass(frozen=True)
 class Crop:
     box: tuple[int, int, int, int]  # pixel xyxy in the original photo
-    score: float  # aesthetic score in (0, 1)
+    score: float  # aesthetic score in [0, 1] (a ratio crop: its proposal's times their IoU)
     aspect_ratio: str | None  # the requested "W:H" this crop has exactly, or None
 
     def to_dict(self) -> dict[str, Any]:

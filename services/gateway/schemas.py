@@ -83,7 +83,7 @@ class CropMultipartForm(BaseModel):
 
 class Crop(BaseModel):
     box: list[int] = Field(description="Pixel [x1, y1, x2, y2] in the original photo.")
-    score: float = Field(description="Aesthetic score in (0, 1).")
+    score: float = Field(description="Aesthetic score in [0, 1].")
     aspect_ratio: str | None = Field(description="The requested 'W:H' this crop has, or null.")
 
 
