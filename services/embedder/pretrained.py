@@ -123,7 +123,7 @@ def paired_state_dict(source: Any, target: dict[str, Any], where: str) -> dict[s
     src = [k for k in source if not k.endswith("num_batches_tracked")]
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise ModelLoadError(f"{where}: {len(src)} tensors where EfficientNet-Lite0 has {len(dst)}")
+        raise ModelLoadError(f"{where}: {len(src)} tensors where the network has {len(dst)}")
     paired = dict(target)
     for a, b in zip(src, dst, strict=True):
         if tuple(source[a].shape) != tuple(target[b].shape):
