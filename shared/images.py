@@ -17,6 +17,8 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +81,7 @@ def decode_image(
         raise InvalidImageError(f"{name}: empty file (0 bytes)")
     image = _open_checked(data, name, max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _quiet_pil():
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # without in_place: a copy (2 ms)
     except (OSError, SyntaxError, ValueError) as exc:
@@ -120,7 +121,8 @@ def check_photo(
     image = _open_checked(data, name, max_pixels)
     fmt, (width, height) = str(image.format), image.size
     try:
-        rotated = _orientation(image) in _ROTATED
+        with _quiet_pil():
+            rotated = _orientation(image) in _ROTATED
         if fmt in ("JPEG", "MPO"):
             image.draft("L", (max(1, width // 8), max(1, height // 8)))  # DCT scaling: 1/8 side
             image.load()
@@ -132,6 +134,17 @@ def check_photo(
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"{name}: corrupt or truncated image ({exc})") from None
     return PhotoInfo(fmt, height, width) if rotated else PhotoInfo(fmt, width, height)
+
+
+@contextmanager
+def _quiet_pil() -> Iterator[None]:
+    """No PIL warnings on stderr: the pixel cap is ours (`max_pixels`), and a photo whose EXIF is
+    corrupt ("Corrupt EXIF data", "tag 274 had too many entries") is read with what PIL could
+    parse, as every viewer does; a line per photo only buried the crops."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield
 
 
 def _orientation(image: Image.Image) -> int:
@@ -148,8 +161,7 @@ def _orientation(image: Image.Image) -> int:
 def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Read only the header, then check format and size before any pixel is decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _quiet_pil():
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise InvalidImageError(f"{name}: image too large (decompression bomb)") from None

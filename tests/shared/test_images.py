@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -297,3 +298,18 @@ def test_read_bytes_refuses_what_is_not_a_bounded_regular_file(tmp_path: Path) -
         read_bytes(tmp_path)
     with pytest.raises(InvalidImageError, match="cannot read file"):
         read_bytes(tmp_path / "missing.jpg")
+
+
+def test_corrupt_exif_is_read_quietly() -> None:
+    """PIL warns once per photo with a damaged EXIF block ("Truncated File Read", "Corrupt EXIF
+    data"); the photo is read with what could be parsed, and stderr stays for the crops."""
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    exif[0x010F] = "a camera maker"
+    data = _encode(_noise(40, 30), "JPEG", exif=exif.tobytes()[:-4])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = decode_image(data, "damaged.jpg")
+        info = check_photo(data, "damaged.jpg")
+    assert [str(w.message) for w in caught] == []
+    assert image.size == (40, 30) and (info.width, info.height) == (40, 30)
