@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import ValidationError
 
 from services.embedder.base import Embedding
 from services.embedder.sam import (
@@ -160,6 +161,11 @@ def test_factory_without_checkpoint_names_the_variable() -> None:
 
 
 def test_factory_with_bad_device_names_the_variable(tiny_sam_checkpoint: Path) -> None:
-    settings = EmbedderSettings(sam_checkpoint=str(tiny_sam_checkpoint), device="gpu0")
+    with pytest.raises(ValidationError, match="device"):  # refused when settings are read
+        EmbedderSettings(sam_checkpoint=str(tiny_sam_checkpoint), device="gpu0")
+    # Settings built without validation meet the factory's own check.
+    settings = EmbedderSettings.model_construct(
+        sam_checkpoint=str(tiny_sam_checkpoint), device="gpu0"
+    )
     with pytest.raises(SettingsError, match="PROCROP_EMBEDDER__DEVICE"):
         build_sam_encoder(settings)
