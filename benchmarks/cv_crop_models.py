@@ -77,6 +77,8 @@ NARROW = ", top-1 fused with the median crop of the model's K neighbours (not tr
 NEXT_BEST = ", alternatives: the next best scored (not covering the neighbours' crops)"
 MERGED = ", top-1: the score-weighted mean of the best proposal and those above IoU 0.7 with it (4 at most)"
 TOP4 = ", top-1: the score-weighted mean of the 4 best-scored proposals"
+W75 = ", top-1 fused with weight 0.75 on the kNN median (shipped: 0.5)"
+W100 = ", top-1: the kNN median alone (weight 1.0)"
 Ranked = list[np.ndarray] | dict[str, list[np.ndarray]]  # a row's crops, or its variants' crops
 
 
@@ -246,7 +248,8 @@ def predict_variants(
     second pass's on the mirrored cells and neighbours; the ridge regression's box (`ridge`) as
     a third estimate; the median crop of the model's K neighbours instead of its `transfer_k`
     nearest; the top-1 (before the fusion) the score-weighted mean of the proposals near the
-    best (one-to-many matching trains 4 proposals on each crop), or of the 4 best."""
+    best (one-to-many matching trains 4 proposals on each crop), or of the 4 best; the fusion
+    with weight 0.75 on the neighbours' median crop, or 1.0 (the median alone)."""
     from services.cropper.inputs import PhotoArrays, batch_arrays
     from services.cropper.model import CropInputs
 
@@ -254,6 +257,7 @@ def predict_variants(
     out: dict[str, list[np.ndarray]] = {"": []}
     if neighbors is not None:
         out |= {UNFUSED: [], NMS_07: [], FLIP: [], NARROW: [], NEXT_BEST: [], MERGED: [], TOP4: []}
+        out |= {W75: [], W100: []}
         if ridge is not None:
             out[RIDGE] = []
     for start in range(0, len(val), 64):
@@ -282,6 +286,10 @@ def predict_variants(
             out[""].append(_ranked(s, fused, w, h, samples=alt))
             out[NEXT_BEST].append(_ranked(s, fused, w, h))
             out[UNFUSED].append(_ranked(s, b, w, h, samples=alt))
+            for key, share in ((W75, 0.75), (W100, 1.0)):
+                out[key].append(
+                    _ranked(s, fuse_with_transfer(s, b, median, share), w, h, samples=alt)
+                )
             out[NMS_07].append(_ranked(s, fused, w, h, NMS_07_TOP))
             best = int(np.argmax(s))
             tta = b.copy()
