@@ -5,6 +5,7 @@ imports it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -52,6 +53,16 @@ def parse_aspect_ratio(text: str) -> AspectRatio:
     return w / h
 
 
+def ratio_value(ratio: AspectRatio | tuple[float, float]) -> float:
+    """Width over height of a ratio given as W / H or as (W, H); must be positive and finite."""
+    if isinstance(ratio, tuple) and not (ratio[0] > 0 and ratio[1] > 0):
+        raise ValueError(f"aspect ratio sides must be positive; got {ratio}")
+    value = ratio[0] / ratio[1] if isinstance(ratio, tuple) else float(ratio)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"aspect ratio must be positive and finite; got {ratio}")
+    return value
+
+
 def check_crop_request(n: int, aspect_ratios: Sequence[str]) -> None:
     """Raise ValueError, naming the argument, for a bad `n` or a malformed aspect ratio."""
     if not 1 <= n <= MAX_CROPS:
@@ -63,7 +74,7 @@ def check_crop_request(n: int, aspect_ratios: Sequence[str]) -> None:
     seen: dict[float, str] = {}
     for text in aspect_ratios:
         parsed = parse_aspect_ratio(text)
-        value = round(parsed[0] / parsed[1] if isinstance(parsed, tuple) else parsed, 9)
+        value = round(ratio_value(parsed), 9)
         if value in seen:  # "16:9" twice, or "32:18": the same crops twice, under two labels
             raise ValueError(f"aspect ratios {seen[value]!r} and {text!r} are the same ratio")
         seen[value] = text

@@ -18,9 +18,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from shared.boxes import box_iou, denormalize_xyxy, xyxy_to_cxcywh
-from shared.crop_request import AspectRatio, check_crop_request, parse_aspect_ratio
+from shared.crop_request import AspectRatio, check_crop_request, parse_aspect_ratio, ratio_value
 
-__all__ = ["AspectRatio", "parse_aspect_ratio"]  # re-exported: the cropper's callers use them
+__all__ = [
+    "AspectRatio",
+    "parse_aspect_ratio",
+    "ratio_value",
+]  # re-exported: the cropper's callers use them
 
 # Two crops with IoU above this are near duplicates, and only the better one is offered. Crops
 # are large and overlap a lot: two crops of one size shifted by 8 % of a side still have IoU
@@ -128,16 +132,6 @@ def cover_samples(
         keep.append(best)
         covered = np.maximum(covered, reach[best])
     return np.asarray(keep, np.int64)
-
-
-def ratio_value(ratio: AspectRatio | tuple[float, float]) -> float:
-    """Width over height of a ratio given as W / H or as (W, H); must be positive and finite."""
-    if isinstance(ratio, tuple) and not (ratio[0] > 0 and ratio[1] > 0):
-        raise ValueError(f"aspect ratio sides must be positive; got {ratio}")
-    value = ratio[0] / ratio[1] if isinstance(ratio, tuple) else float(ratio)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"aspect ratio must be positive and finite; got {ratio}")
-    return value
 
 
 def fit_aspect_ratio(
