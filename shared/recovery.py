@@ -1,4 +1,4 @@
-"""Crop jobs whose message was lost are sent again.
+"""Crop jobs and dataset runs whose messages were lost are sent again.
 
 Kombu's Redis transport pops a message (BRPOP) before it records it as unacknowledged
 (`shared/leases.py`), so a message can vanish with its worker: one that dies between the two,
@@ -15,9 +15,18 @@ first success counts. A message that is in flight at that moment (popped, not ye
 microseconds) makes at worst one more run of the chain. The resend is counted on the job
 (its `resent` field) and moves its `updated` time, so a job is sent again at most once per `after_s`.
 
+Dataset runs (CAD) stall the same ways, and more: an item's message lost with a worker, or with
+the last second of writes a killed Redis had not yet put in its append-only file; the wake an item
+sends its planner when it finishes, lost the same way, or sent while Redis was away. A run whose
+record has not moved for `after_s` (every item stage moves it) and that has items no message holds,
+or nothing in flight at all, gets a planner pass in recovery mode: under the run's lock it sends
+again the items no message holds (`orphaned_slots`), then plans and finishes as any pass does.
+Items already made are read back, not made again, and each is counted once (`shared.runs`).
+A cancelled run is not covered (its items not started would only end as cancelled).
+
 The gateway runs a pass every `every_s` seconds (`QueueSettings.recover_after_s`,
-`recover_every_s`); a Redis lock lets one gateway of several run it. Index and dataset jobs are
-not covered here: their planners re-plan unfinished parts when the job is submitted again.
+`recover_every_s`); a Redis lock lets one gateway of several run it. Index jobs are not covered
+here: their planner re-plans unfinished parts when the job is submitted again.
 """
 
 from __future__ import annotations
@@ -34,38 +43,65 @@ from typing import Any
 import redis
 
 from shared.jobs import KEY_PREFIX, TERMINAL, Job, JobStore
-from shared.queue import QUEUES, crop_chain
+from shared.queue import CAD_PLAN, QUEUES, crop_chain
+from shared.runs import RunState
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "procrop:recover:lock"
 UNACKED_KEY = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, key]
 
 
-def job_ids_in_messages(client: redis.Redis) -> set[str]:
-    """The `job_id` of every task message Redis holds: waiting in a queue's list, or delivered
-    and not yet acknowledged (running, prefetched, waiting for its ETA)."""
+def held_arguments(client: redis.Redis) -> list[dict[str, Any]]:
+    """The first argument of every task message Redis holds, where it is a job's (a dict with a
+    `job_id`): waiting in a queue's list, or delivered and not yet acknowledged (running,
+    prefetched, waiting for its ETA)."""
     raw: list[Any] = []
     for queue in QUEUES:
         raw += client.lrange(queue, 0, -1)
     raw += [json.loads(entry)[0] for entry in client.hvals(UNACKED_KEY)]
-    return {job for job in map(job_id_of, raw) if job}
+    return [args for args in map(arguments_of, raw) if args is not None]
 
 
-def job_id_of(message: Any) -> str | None:
-    """The job a kombu message (JSON envelope, or its decoded dict) is for; None if not ours."""
+def job_ids_in_messages(client: redis.Redis) -> set[str]:
+    """The `job_id` of every task message Redis holds (see `held_arguments`)."""
+    return {str(args["job_id"]) for args in held_arguments(client)}
+
+
+def orphaned_slots(state: RunState) -> list[str]:
+    """The run's unfinished items (slots) that no message Redis holds: lost, never to run."""
+    held = {
+        str(args.get("slot"))
+        for args in held_arguments(state.redis)
+        if args["job_id"] == state.job_id
+    }
+    return [slot for slot in state.queued_slots() if slot not in held]
+
+
+def arguments_of(message: Any) -> dict[str, Any] | None:
+    """The first argument of a kombu message (JSON envelope, or its decoded dict) when it is a
+    job's; None otherwise."""
     try:
         envelope = json.loads(message) if isinstance(message, str | bytes) else message
         body = envelope["body"]
         if envelope.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
-        return str(args[0]["job_id"]) if args and isinstance(args[0], dict) else None
+        if args and isinstance(args[0], dict) and "job_id" in args[0]:
+            return dict(args[0])
+        return None
     except (ValueError, KeyError, IndexError, TypeError):
         return None
 
 
-def stalled_crop_jobs(jobs: JobStore, after_s: float, now: float | None = None) -> Iterator[Job]:
-    """Crop jobs that are not over and whose record has not moved for `after_s`."""
+def job_id_of(message: Any) -> str | None:
+    """The job a kombu message is for; None if not ours."""
+    args = arguments_of(message)
+    return None if args is None else str(args["job_id"])
+
+
+def stalled_jobs(jobs: JobStore, after_s: float, now: float | None = None) -> Iterator[Job]:
+    """Crop jobs and dataset runs that are not over and whose record has not moved for
+    `after_s`."""
     now = time.time() if now is None else now
     for key in jobs.redis.scan_iter(f"{KEY_PREFIX}*", count=1000):
         name = key.decode() if isinstance(key, bytes) else str(key)
@@ -73,7 +109,7 @@ def stalled_crop_jobs(jobs: JobStore, after_s: float, now: float | None = None) 
         if ":" in job_id:  # a job's side hashes (index parts)
             continue
         raw = {_text(k): _text(v) for k, v in jobs.redis.hgetall(name).items()}
-        if raw.get("kind") != "crop" or raw.get("status", "queued") in TERMINAL:
+        if raw.get("kind") not in ("crop", "dataset") or raw.get("status", "queued") in TERMINAL:
             continue
         job = Job.from_hash(job_id, raw)
         if now - job.updated >= after_s:
@@ -91,20 +127,36 @@ def crop_message(job: Job) -> dict[str, Any]:
 
 
 def recover(jobs: JobStore, app: Any, after_s: float) -> list[str]:
-    """One pass: send again every stalled crop job no message holds; returns their ids."""
-    candidates = list(stalled_crop_jobs(jobs, after_s))
+    """One pass: send again every stalled crop job no message holds, and a recovery pass of the
+    planner of every stalled dataset run with lost items or none in flight; returns their ids."""
+    candidates = list(stalled_jobs(jobs, after_s))
     if not candidates:
         return []
     held = job_ids_in_messages(jobs.redis)
     resent = []
-    for job in (j for j in candidates if j.id not in held):
+    for job in candidates:
+        if job.kind == "crop" and job.id in held:
+            continue
+        if job.kind == "dataset" and not _run_needs_a_pass(jobs, job):
+            continue
         if not jobs.note_resent(job.id):
             continue  # it ended (or expired) meanwhile
-        crop_chain(app, crop_message(job)).apply_async()
-        log.warning("job %s: no message held it for %.0f s (lost with a worker?); sent again",
-                    job.id, time.time() - job.updated)  # fmt: skip
+        if job.kind == "crop":
+            crop_chain(app, crop_message(job)).apply_async()
+        else:
+            app.signature(CAD_PLAN, args=(job.id,), kwargs={"recover": True}).apply_async()
+        log.warning("job %s: no progress for %.0f s and work no message holds (lost with a "
+                    "worker or Redis?); sent again", job.id, time.time() - job.updated)  # fmt: skip
         resent.append(job.id)
     return resent
+
+
+def _run_needs_a_pass(jobs: JobStore, job: Job) -> bool:
+    """A stalled run moves again only by a planner pass when some of its items are lost, or when
+    none is in flight (the wake that would have planned more, or finished it, was lost). Items
+    whose messages are held are running or waiting for a worker: their run is slow, not stuck."""
+    state = RunState(jobs.redis, job.id)
+    return state.read_counts().in_flight == 0 or bool(orphaned_slots(state))
 
 
 class Recoverer:

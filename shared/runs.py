@@ -12,7 +12,8 @@ long as the job record:
     contents   hash  item (photo hash + variant) -> the slot that owns it (byte-identical photos
                      under two names make one item; the second slot is a duplicate)
     cursor     str   the last photo name planned (the planner lists the source after it)
-    pump       str   the planner's lock; `pump:again` asks the holder for one more pass
+    pump       str   the planner's lock (the holding task's id); `pump:again` asks the holder for
+                     one more pass
 
 A slot is `{sha256(photo name)[:16]}-v{variant}`: the planner knows names, not contents. Each
 transition is one Lua script, so two deliveries racing cannot both count.
@@ -74,6 +75,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return redis.call('HGET', KEYS[1], ARGV[1])
 """
 
+# KEYS: lock, again; ARGV: token, ttl. 1: the lock is ours now: it was free, or it is held under our
+# own token (the same planner task delivered again after its pass died with a Redis restart or with
+# its worker: without this it would wait out the TTL, and the wakes of the items finishing meanwhile
+# would all be handed to the dead holder). 0: another pass holds it, and is asked for one more.
+_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+redis.call('SET', KEYS[2], 1, 'EX', ARGV[2])
+return 0
+"""
+
 # KEYS: lock, again; ARGV: token, ttl. 1: another pass was asked for (the lock is kept, renewed);
 # 0: released (or no longer ours). Atomic, so a request made while the holder finishes is not lost.
 _UNLOCK = """
@@ -129,6 +144,7 @@ class RunState:
         self._plan = client.register_script(_PLAN)
         self._finish = client.register_script(_FINISH)
         self._claim = client.register_script(_CLAIM)
+        self._lock = client.register_script(_LOCK)
         self._unlock = client.register_script(_UNLOCK)
 
     def plan(self, entries: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -203,11 +219,10 @@ class RunState:
             pipe.execute()
 
     def try_lock(self, token: str, ttl_s: int) -> bool:
-        """Take the planner's lock; when it is held, ask its holder for one more pass instead."""
-        if self.redis.set(self.lock_key, token, nx=True, ex=ttl_s):
-            return True
-        self.redis.set(self.again_key, 1, ex=ttl_s)
-        return False
+        """Take the planner's lock (or take it back: it is held under `token`); when another
+        holds it, ask the holder for one more pass instead. Give the planner task's id as
+        `token`, so a redelivery of a pass that died holding the lock is not locked out."""
+        return bool(int(self._lock(keys=[self.lock_key, self.again_key], args=[token, ttl_s])))
 
     def unlock(self, token: str, ttl_s: int) -> bool:
         """Release the lock; True (and the lock kept) if another pass was asked for meanwhile."""

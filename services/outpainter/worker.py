@@ -8,7 +8,10 @@ The planner (`procrop.index.cad_plan`) lists the source a page at a time, after 
 sends just enough item chains to keep `PROCROP_CAD__MAX_IN_FLIGHT` items in flight; every
 finished item sends the planner again, so a run of a million photos never holds more than that
 many messages in Redis. Passes of the planner are serialized by a lock in Redis; a pass asked for
-while another runs is done by the holder (`shared.runs.RunState.try_lock`).
+while another runs is done by the holder (`shared.runs.RunState.try_lock`). The lock is named by
+the planner task's id, so a pass that died holding it (with Redis, or with its worker) takes it
+back when its message is delivered again. A run stalled by lost messages gets a pass with
+`recover=True` from the gateway (`shared/recovery.py`): it sends again the items no message holds.
 
 Each item is `procrop.embed.cad_describe` -> `procrop.outpaint.cad_fill`. Both are idempotent:
 their objects derive from (run, photo hash, variant, seed), an item whose item.json exists is
@@ -50,6 +53,7 @@ from shared import worker_metrics
 from shared.errors import ObjectNotFoundError, ProCropError, one_line
 from shared.jobs import Job
 from shared.queue import CAD_DESCRIBE, CAD_FILL, CAD_PLAN, queue_of, worker_app
+from shared.recovery import orphaned_slots
 from shared.runs import RunState, slot_id
 from shared.settings import get_settings
 from shared.worker import (
@@ -98,33 +102,37 @@ def wake(job_id: str) -> None:
 
 # max_retries=None: a planner pass retries for as long as Redis or S3 is away (Celery: 3).
 @app.task(name=CAD_PLAN, bind=True, max_retries=None)
-def cad_plan(task: Task, job_id: str, redrive: bool = False) -> None:
+def cad_plan(task: Task, job_id: str, redrive: bool = False, recover: bool = False) -> None:
     try:
-        plan(job_id, redrive)
+        plan(job_id, redrive, recover, token=task.request.id)
     except TRANSIENT:
         retry_later(task, min(30, 2**task.request.retries), None)
     except BAD_INPUT as exc:  # the source is unreadable: nothing can run
         jobs().fail(job_id, one_line(exc))
 
 
-def plan(job_id: str, redrive: bool = False) -> None:
-    """One or more planner passes, under the run's lock (see the module docstring)."""
+def plan(
+    job_id: str, redrive: bool = False, recover: bool = False, token: str | None = None
+) -> None:
+    """One or more planner passes, under the run's lock (see the module docstring). `token`
+    (the task's id) names the holder: the same task delivered again takes the lock back.
+    `redrive` sends every unfinished item again, `recover` those no message holds."""
     state = run_state(job_id)
-    token = secrets.token_hex(8)
+    token = token or secrets.token_hex(8)
     if not state.try_lock(token, LOCK_TTL_S):
         return  # the holder makes the pass we asked for
     try:
         again = True
         while again:
-            _pass(job_id, state, redrive)
-            redrive = False
+            _pass(job_id, state, redrive, recover)
+            redrive = recover = False
             again = state.unlock(token, LOCK_TTL_S)
     except BaseException:
         state.redis.delete(state.lock_key)
         raise
 
 
-def _pass(job_id: str, state: RunState, redrive: bool) -> None:
+def _pass(job_id: str, state: RunState, redrive: bool, recover: bool) -> None:
     job = jobs().get(job_id)
     if job.status in ("succeeded", "failed"):
         return
@@ -135,6 +143,12 @@ def _pass(job_id: str, state: RunState, redrive: bool) -> None:
     counts = state.read_counts()
     if redrive:  # resubmitted: send again what may have been lost with a dead broker
         _send(job_id, params, state.queued_slots(), True)
+    elif recover:  # stalled (shared/recovery.py): send again the items whose message was lost
+        orphans = orphaned_slots(state)
+        if orphans:
+            log.warning("run %s: %d items no message held (lost with Redis or a worker); sent again",
+                        job_id, len(orphans))  # fmt: skip
+        _send(job_id, params, orphans, True)
     if job.status != "cancelled" and not counts.exhausted:
         window = max(1, settings.cad.max_in_flight // params.variants)  # photos in flight
         photos = (settings.cad.max_in_flight - counts.in_flight) // params.variants

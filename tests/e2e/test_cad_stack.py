@@ -2,7 +2,9 @@
 photos of shared/data/cq100 x 2 variants with the lite out-painter, then the same run shape with
 faults in the middle (the outpaint worker's whole process group SIGKILLed, Redis SIGKILLed and
 brought back by `stack up`, the S3 server paused for 20 s): every item exactly once in the
-manifest, no duplicated objects, counters equal to the manifest, labels `procrop train` reads."""
+manifest, no duplicated objects, counters equal to the manifest, labels `procrop train` reads.
+What a fault loses (a message popped by the killed worker, the last second of Redis's writes, a
+planner pass that held its run's lock) is sent again by the gateway's recovery pass."""
 
 from __future__ import annotations
 
@@ -47,7 +49,12 @@ def _procrop(
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("cad-stack")
-    env = {"PROCROP_API_KEYS": KEY, "PROCROP_CAD__MAX_IN_FLIGHT": "8"}
+    # Recovery (shared/recovery.py) after 20 s without progress, not 120: what a fault loses is
+    # sent again within the test's 120 s windows.
+    env = {
+        "PROCROP_API_KEYS": KEY, "PROCROP_CAD__MAX_IN_FLIGHT": "8",
+        "PROCROP_QUEUE__RECOVER_AFTER_S": "20", "PROCROP_QUEUE__RECOVER_EVERY_S": "5",
+    }  # fmt: skip
     up = _procrop(home, "stack", "up", env=env)
     assert up.returncode == 0, up.stderr
     summary = json.loads(up.stdout.strip().splitlines()[-1])

@@ -1,6 +1,7 @@
-"""Crop jobs whose message was lost are sent again (shared/recovery.py), on a real Redis with the
-real Celery app's messages: found wherever Redis holds them (a queue's list, or delivered and
-unacknowledged), and sent again only when no message holds a stalled job."""
+"""Crop jobs and dataset runs whose messages were lost are sent again (shared/recovery.py), on a
+real Redis with the real Celery app's messages: found wherever Redis holds them (a queue's list,
+or delivered and unacknowledged), and sent again only when no message holds a stalled job (a
+dataset run: some item, or nothing is in flight)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import redis
 from kombu import Queue
 
 from shared.jobs import JobStore
-from shared.queue import EMBED, create_app, crop_chain
-from shared.recovery import Recoverer, job_id_of, job_ids_in_messages, recover
+from shared.queue import CAD_DESCRIBE, CAD_PLAN, EMBED, create_app, crop_chain
+from shared.recovery import Recoverer, job_id_of, job_ids_in_messages, orphaned_slots, recover
+from shared.runs import RunState, slot_id
 from shared.settings import load_settings
 
 pytestmark = pytest.mark.usefixtures("clean_env")  # see tests/conftest.py
@@ -102,3 +104,54 @@ def test_recoverers_sharing_a_redis_make_one_pass_per_interval(jobs: JobStore, a
         worker.stop()
     assert jobs.redis.hget(f"procrop:job:{lost}", "resent") == "1"
     assert sum(m["headers"]["task"] == EMBED for m in _embed_messages(jobs.redis)) == 1
+
+
+def _dataset_run(jobs: JobStore, app: Any, photos: list[str], sent: list[str]) -> RunState:
+    """A running dataset run with `photos` planned (one variant each), the item chains of the
+    photos in `sent` waiting in the embed queue, and a record that has not moved for 300 s."""
+    job = jobs.create("dataset", "owner", {"source": "pro/", "variants": 1, "seed": 1})
+    jobs.start_stage(job.id, "plan", "test")
+    state = RunState(jobs.redis, job.id)
+    state.plan([(slot_id(p, 0), {"photo": p, "variant": 0}) for p in photos])
+    for photo in sent:
+        message = {"job_id": job.id, "slot": slot_id(photo, 0), "photo": photo, "variant": 0}
+        app.signature(CAD_DESCRIBE, args=(message,)).apply_async()
+    jobs.redis.hset(f"procrop:job:{job.id}", "updated", time.time() - 300)
+    return state
+
+
+def _plan_messages(client: redis.Redis) -> list[dict[str, Any]]:
+    """The planner messages waiting in the index queue, decoded: (args, kwargs, embed)."""
+    return [
+        json.loads(base64.b64decode(json.loads(m)["body"]))
+        for m in client.lrange("index", 0, -1)
+        if json.loads(m)["headers"]["task"] == CAD_PLAN
+    ]
+
+
+def test_a_run_item_is_lost_when_no_message_holds_it(jobs: JobStore, app: Any) -> None:
+    state = _dataset_run(jobs, app, ["a.jpg", "b.jpg", "c.jpg"], sent=["a.jpg", "b.jpg"])
+    connection = app.connection_for_read()
+    message = Queue("embed")(connection.default_channel).get(no_ack=False)  # a.jpg, delivered
+    assert message is not None and jobs.redis.hlen("unacked") == 1
+    assert orphaned_slots(state) == [slot_id("c.jpg", 0)]
+    state.finish(slot_id("c.jpg", 0), "failed", {"photo": "c.jpg", "variant": 0})
+    assert orphaned_slots(state) == []  # a finished item is not lost
+    connection.release()
+
+
+def test_a_stalled_run_with_a_lost_item_gets_a_recovery_pass_of_its_planner(
+    jobs: JobStore, app: Any
+) -> None:
+    lost = _dataset_run(jobs, app, ["a.jpg", "b.jpg"], sent=["a.jpg"])
+    slow = _dataset_run(jobs, app, ["a.jpg", "b.jpg"], sent=["a.jpg", "b.jpg"])  # all held
+    idle = _dataset_run(jobs, app, ["a.jpg"], sent=[])  # its one item finished, the wake lost
+    idle.finish(slot_id("a.jpg", 0), "accepted", {"photo": "a.jpg", "variant": 0})
+
+    assert sorted(recover(jobs, app, after_s=120)) == sorted([lost.job_id, idle.job_id])
+    assert sorted(args for args, kwargs, _ in _plan_messages(jobs.redis)) == sorted(
+        [[lost.job_id], [idle.job_id]]
+    )
+    assert all(kwargs == {"recover": True} for _, kwargs, _ in _plan_messages(jobs.redis))
+    assert jobs.redis.hget(f"procrop:job:{slow.job_id}", "resent") is None
+    assert recover(jobs, app, after_s=120) == []  # their records moved: once per after_s

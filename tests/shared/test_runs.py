@@ -1,5 +1,5 @@
 """A dataset run's item accounting on a real Redis (`shared/runs.py`): what the plan script
-does once the run's job has ended, and a redelivered finish counted once."""
+does once the run's job has ended, a redelivered finish counted once, the planner's lock."""
 
 from __future__ import annotations
 
@@ -39,3 +39,18 @@ def test_a_finish_counts_once_however_often_it_is_delivered(redis_url: str) -> N
     counts = state.read_counts()
     assert (counts.accepted, counts.rejected, counts.in_flight) == (1, 0, 0)
     assert state.state("slot-a") == "accepted"
+
+
+def test_the_planner_lock_is_taken_back_by_its_own_task_and_refused_to_others(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    runs = RunState(client, JobStore(client).create("dataset", "owner", {"source": "pro/"}).id)
+    assert runs.try_lock("task-1", 120)
+    # The pass died with Redis or its worker, holding the lock; its task is delivered again.
+    assert runs.try_lock("task-1", 120)
+    assert not runs.redis.exists(runs.again_key)
+    assert not runs.try_lock("task-2", 120)  # another pass: the holder is asked for one more
+    assert runs.unlock("task-1", 120)  # ... and keeps the lock to make it
+    assert not runs.unlock("task-1", 120)
+    assert runs.try_lock("task-2", 120)
