@@ -22,7 +22,9 @@ record has not moved for `after_s` (every item stage moves it) and that has item
 or nothing in flight at all, gets a planner pass in recovery mode: under the run's lock it sends
 again the items no message holds (`orphaned_slots`), then plans and finishes as any pass does.
 Items already made are read back, not made again, and each is counted once (`shared.runs`).
-A cancelled run is not covered (its items not started would only end as cancelled).
+A cancelled run gets the same pass while it has lost items or has not written its manifest (the
+items sent again end as cancelled; a client waits for none in flight); its record no longer moves,
+so a pass may be sent once per `every_s` until one has run.
 
 The gateway runs a pass every `every_s` seconds (`QueueSettings.recover_after_s`,
 `recover_every_s`); a Redis lock lets one gateway of several run it. Index jobs are not covered
@@ -100,8 +102,8 @@ def job_id_of(message: Any) -> str | None:
 
 
 def stalled_jobs(jobs: JobStore, after_s: float, now: float | None = None) -> Iterator[Job]:
-    """Crop jobs and dataset runs that are not over and whose record has not moved for
-    `after_s`."""
+    """Crop jobs and dataset runs that are not over (a cancelled run: maybe not wound up) and
+    whose record has not moved for `after_s`."""
     now = time.time() if now is None else now
     for key in jobs.redis.scan_iter(f"{KEY_PREFIX}*", count=1000):
         name = key.decode() if isinstance(key, bytes) else str(key)
@@ -109,7 +111,10 @@ def stalled_jobs(jobs: JobStore, after_s: float, now: float | None = None) -> It
         if ":" in job_id:  # a job's side hashes (index parts)
             continue
         raw = {_text(k): _text(v) for k, v in jobs.redis.hgetall(name).items()}
-        if raw.get("kind") not in ("crop", "dataset") or raw.get("status", "queued") in TERMINAL:
+        kind, status = raw.get("kind"), raw.get("status", "queued")
+        if kind not in ("crop", "dataset") or status in TERMINAL - {"cancelled"}:
+            continue
+        if status == "cancelled" and kind == "crop":
             continue
         job = Job.from_hash(job_id, raw)
         if now - job.updated >= after_s:
@@ -139,7 +144,7 @@ def recover(jobs: JobStore, app: Any, after_s: float) -> list[str]:
             continue
         if job.kind == "dataset" and not _run_needs_a_pass(jobs, job):
             continue
-        if not jobs.note_resent(job.id):
+        if job.status != "cancelled" and not jobs.note_resent(job.id):
             continue  # it ended (or expired) meanwhile
         if job.kind == "crop":
             crop_chain(app, crop_message(job)).apply_async()
@@ -154,9 +159,13 @@ def recover(jobs: JobStore, app: Any, after_s: float) -> list[str]:
 def _run_needs_a_pass(jobs: JobStore, job: Job) -> bool:
     """A stalled run moves again only by a planner pass when some of its items are lost, or when
     none is in flight (the wake that would have planned more, or finished it, was lost). Items
-    whose messages are held are running or waiting for a worker: their run is slow, not stuck."""
+    whose messages are held are running or waiting for a worker: their run is slow, not stuck.
+    A cancelled run with none in flight needs a pass only if none has written its manifest."""
     state = RunState(jobs.redis, job.id)
-    return state.read_counts().in_flight == 0 or bool(orphaned_slots(state))
+    counts = state.read_counts()
+    if counts.in_flight == 0:
+        return job.status != "cancelled" or not counts.finalized
+    return bool(orphaned_slots(state))
 
 
 class Recoverer:

@@ -8,7 +8,8 @@ long as the job record:
                      cancelled (final: a redelivered task cannot change or recount it)
     info       hash  slot -> JSON {photo, variant, item, reasons}: the manifest line
     counts     hash  planned, in_flight, accepted, rejected, failed, duplicate, cancelled,
-                     reason.<r> (rejections by reason), exhausted (1 once the source is listed)
+                     reason.<r> (rejections by reason), exhausted (1 once the source is listed),
+                     finalized (1 once a pass has written the manifest, labels and report)
     contents   hash  item (photo hash + variant) -> the slot that owns it (byte-identical photos
                      under two names make one item; the second slot is a duplicate)
     cursor     str   the last photo name planned (the planner lists the source after it)
@@ -116,6 +117,7 @@ class RunCounts:
     duplicate: int = 0
     cancelled: int = 0
     exhausted: bool = False
+    finalized: bool = False
     reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -196,6 +198,7 @@ class RunState:
         return RunCounts(
             **{n: raw.get(n, 0) for n in names},
             exhausted=bool(raw.get("exhausted")),
+            finalized=bool(raw.get("finalized")),
             reasons=reasons,
         )
 
@@ -215,6 +218,13 @@ class RunState:
             pipe.set(self.cursor_key, cursor, ex=self.ttl_s)
             if exhausted:
                 pipe.hset(self.counts, "exhausted", 1)
+            pipe.expire(self.counts, self.ttl_s)
+            pipe.execute()
+
+    def mark_finalized(self) -> None:
+        """The run's manifest, labels and report are written (a cancelled run's, too)."""
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.counts, "finalized", 1)
             pipe.expire(self.counts, self.ttl_s)
             pipe.execute()
 

@@ -177,6 +177,7 @@ def _pass(job_id: str, state: RunState, redrive: bool, recover: bool) -> None:
         counts = state.read_counts()
     if counts.in_flight == 0 and (counts.exhausted or job.status == "cancelled"):
         report = finalize(object_store(), run_prefix(job_id), state.manifest())
+        state.mark_finalized()
         key = f"{run_prefix(job_id)}report.json"
         if job.status != "cancelled":
             jobs().succeed(job_id, key)

@@ -155,3 +155,21 @@ def test_a_stalled_run_with_a_lost_item_gets_a_recovery_pass_of_its_planner(
     assert all(kwargs == {"recover": True} for _, kwargs, _ in _plan_messages(jobs.redis))
     assert jobs.redis.hget(f"procrop:job:{slow.job_id}", "resent") is None
     assert recover(jobs, app, after_s=120) == []  # their records moved: once per after_s
+
+
+def test_a_cancelled_run_gets_a_pass_until_it_is_wound_up(jobs: JobStore, app: Any) -> None:
+    lost = _dataset_run(jobs, app, ["a.jpg", "b.jpg"], sent=["a.jpg"])
+    wound_up = _dataset_run(jobs, app, ["a.jpg"], sent=[])
+    wound_up.finish(slot_id("a.jpg", 0), "cancelled", {"photo": "a.jpg", "variant": 0})
+    wound_up.mark_finalized()
+    unwritten = _dataset_run(jobs, app, ["a.jpg"], sent=[])  # the last wake was lost
+    unwritten.finish(slot_id("a.jpg", 0), "cancelled", {"photo": "a.jpg", "variant": 0})
+    for state in (lost, wound_up, unwritten):
+        jobs.cancel(state.job_id)
+        jobs.redis.hset(f"procrop:job:{state.job_id}", "updated", time.time() - 300)
+
+    assert sorted(recover(jobs, app, after_s=120)) == sorted([lost.job_id, unwritten.job_id])
+    assert jobs.get(lost.job_id).status == "cancelled"  # a pass does not revive it
+    # Its record does not move: the pass is asked for again until one has run.
+    unwritten.mark_finalized()
+    assert recover(jobs, app, after_s=120) == [lost.job_id]

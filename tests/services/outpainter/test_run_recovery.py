@@ -2,7 +2,9 @@
 workers over a real Redis and S3 server: the planner's first message lost (as with the last
 second of writes of a killed Redis), then the first items' messages lost while a dead planner
 pass still holds the run's lock. The gateway's recovery pass finds the run stalled and has its
-planner send again what no message holds, once the dead pass's lock has expired."""
+planner send again what no message holds, once the dead pass's lock has expired. A cancelled
+run whose items in flight were lost winds up the same way: they end as cancelled, its manifest is
+written."""
 
 from __future__ import annotations
 
@@ -116,3 +118,35 @@ def test_a_run_whose_messages_were_lost_finishes_with_every_item_once(
     made = {key.split("/")[3] for key in store.list(f"datasets/{job_id}/items/")}
     assert made == {line["item"] for line in manifest}
     assert int(broker.hget(f"procrop:job:{job_id}", "resent")) >= 2
+
+
+def test_a_cancelled_run_whose_items_were_lost_winds_up(
+    client: TestClient, settings: Settings, env: dict[str, str], photo_dir: Path, tmp_path: Path
+) -> None:
+    store = build_object_store(settings)
+    for path in sorted(photo_dir.iterdir()):
+        store.put(f"gone/{path.name}", path.read_bytes())
+    broker = client.app.state.clients.jobs.redis  # type: ignore[attr-defined]
+    answer = client.post("/v1/datasets", headers=HEADERS, json={"source": "gone/", "variants": 1})
+    job_id = answer.json()["job_id"]
+    procs = {"index": _start_worker("index", env, tmp_path)}
+    try:
+        _poll(lambda: broker.llen("embed") == 2, "the first items to be planned")
+        assert client.delete(f"/v1/datasets/{job_id}", headers=HEADERS).status_code == 200
+        broker.delete("embed")  # the items in flight are lost: nothing would ever finish them
+        procs |= {q: _start_worker(q, env, tmp_path) for q in ("embed", "outpaint")}
+        _poll(
+            lambda: store.exists(f"datasets/{job_id}/report.json"),
+            "the report of the cancelled run",
+        )
+    finally:
+        for proc in procs.values():
+            _kill_group(proc)
+    body = client.get(f"/v1/datasets/{job_id}", headers=HEADERS).json()
+    assert body["status"] == "cancelled"
+    assert (
+        body["counts"]["in_flight"] == 0
+        and body["counts"]["cancelled"] == 2 == body["counts"]["planned"]
+    )
+    lines = client.get(f"/v1/datasets/{job_id}/manifest", headers=HEADERS).text.splitlines()
+    assert [json.loads(line)["status"] for line in lines] == ["cancelled", "cancelled"]
