@@ -85,9 +85,11 @@ def in_process(folder: Path, variants: int) -> dict[str, Any]:
     }
 
 
-def stack_up(home: Path) -> dict[str, Any]:
+def stack_up(home: Path, extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """`procrop stack up` in `home` with CAD_ENV (and `extra`) over an environment without
+    PROCROP_*; `env`: the services' settings, `up_env`: what `stack up` was given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCROP_")}
-    env.update(PROCROP_HOME=str(home), PROCROP_API_KEYS=API_KEY, **CAD_ENV)
+    env.update(PROCROP_HOME=str(home), PROCROP_API_KEYS=API_KEY, **CAD_ENV, **(extra or {}))
     done = subprocess.run(
         [sys.executable, "-m", "procrop", "stack", "up"], env=env, capture_output=True, text=True
     )
@@ -95,7 +97,7 @@ def stack_up(home: Path) -> dict[str, Any]:
         sys.exit(f"stack up failed: {done.stderr[-2000:]}")
     stack: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     state = json.loads((home / "stack" / "stack.json").read_text())
-    stack["env"] = {**env, **state["env"]}
+    stack["env"], stack["up_env"] = {**env, **state["env"]}, env
     return stack
 
 

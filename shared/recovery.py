@@ -69,14 +69,12 @@ def job_ids_in_messages(client: redis.Redis) -> set[str]:
     return {str(args["job_id"]) for args in held_arguments(client)}
 
 
-def orphaned_slots(state: RunState) -> list[str]:
-    """The run's unfinished items (slots) that no message Redis holds: lost, never to run."""
-    held = {
-        str(args.get("slot"))
-        for args in held_arguments(state.redis)
-        if args["job_id"] == state.job_id
-    }
-    return [slot for slot in state.queued_slots() if slot not in held]
+def orphaned_slots(state: RunState, held: list[dict[str, Any]] | None = None) -> list[str]:
+    """The run's unfinished items (slots) that no message Redis holds: lost, never to run.
+    `held`: `held_arguments` read just before, if the caller has it."""
+    held = held_arguments(state.redis) if held is None else held
+    slots = {str(args.get("slot")) for args in held if args["job_id"] == state.job_id}
+    return [slot for slot in state.queued_slots() if slot not in slots]
 
 
 def arguments_of(message: Any) -> dict[str, Any] | None:
@@ -137,12 +135,13 @@ def recover(jobs: JobStore, app: Any, after_s: float) -> list[str]:
     candidates = list(stalled_jobs(jobs, after_s))
     if not candidates:
         return []
-    held = job_ids_in_messages(jobs.redis)
+    held = held_arguments(jobs.redis)
+    held_jobs = {str(args["job_id"]) for args in held}
     resent = []
     for job in candidates:
-        if job.kind == "crop" and job.id in held:
+        if job.kind == "crop" and job.id in held_jobs:
             continue
-        if job.kind == "dataset" and not _run_needs_a_pass(jobs, job):
+        if job.kind == "dataset" and not _run_needs_a_pass(jobs, job, held):
             continue
         if job.status != "cancelled" and not jobs.note_resent(job.id):
             continue  # it ended (or expired) meanwhile
@@ -156,7 +155,7 @@ def recover(jobs: JobStore, app: Any, after_s: float) -> list[str]:
     return resent
 
 
-def _run_needs_a_pass(jobs: JobStore, job: Job) -> bool:
+def _run_needs_a_pass(jobs: JobStore, job: Job, held: list[dict[str, Any]]) -> bool:
     """A stalled run moves again only by a planner pass when some of its items are lost, or when
     none is in flight (the wake that would have planned more, or finished it, was lost). Items
     whose messages are held are running or waiting for a worker: their run is slow, not stuck.
@@ -165,7 +164,7 @@ def _run_needs_a_pass(jobs: JobStore, job: Job) -> bool:
     counts = state.read_counts()
     if counts.in_flight == 0:
         return job.status != "cancelled" or not counts.finalized
-    return bool(orphaned_slots(state))
+    return bool(orphaned_slots(state, held))
 
 
 class Recoverer:
