@@ -89,7 +89,7 @@ def stack_up(home: Path, extra: dict[str, str] | None = None) -> dict[str, Any]:
     """`procrop stack up` in `home` with CAD_ENV (and `extra`) over an environment without
     PROCROP_*; `env`: the services' settings, `up_env`: what `stack up` was given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCROP_")}
-    env.update(PROCROP_HOME=str(home), PROCROP_API_KEYS=API_KEY, **CAD_ENV, **(extra or {}))
+    env.update({"PROCROP_HOME": str(home), "PROCROP_API_KEYS": API_KEY, **CAD_ENV, **(extra or {})})
     done = subprocess.run(
         [sys.executable, "-m", "procrop", "stack", "up"], env=env, capture_output=True, text=True
     )

@@ -41,7 +41,7 @@ def _restart_redis(home: Path, env: dict[str, str]) -> float:
     """SIGKILL the stack's Redis and bring it back with `stack up`; seconds it was away."""
     state = json.loads((home / "stack" / "stack.json").read_text())
     start = time.perf_counter()
-    os.kill(state["pids"]["redis"], signal.SIGKILL)
+    os.kill(state["processes"]["redis"]["pid"], signal.SIGKILL)
     time.sleep(0.5)
     done = subprocess.run(
         [sys.executable, "-m", "procrop", "stack", "up"], env=env, capture_output=True, text=True
