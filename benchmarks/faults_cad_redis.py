@@ -33,6 +33,7 @@ import httpx
 
 from benchmarks.bench_cad import API_KEY, small_photos, stack_up, upload
 from benchmarks.common import emit
+from procrop.remote import dataset_status
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -51,18 +52,6 @@ def _restart_redis(home: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def _counts(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    for _ in range(120):  # the gateway waits out the restart
-        try:
-            answer = client.get(f"/v1/datasets/{job_id}")
-            if answer.status_code == 200:
-                return dict(answer.json())
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"no status for {job_id}")
-
-
 def one_run(
     client: httpx.Client, home: Path, env: dict[str, str], photos: list[str], seed: int,
     kills: int, stall_s: float, rng: random.Random,
@@ -75,7 +64,7 @@ def one_run(
     start = last_change = time.perf_counter()
     finished, longest_wait, outage_s = -1, 0.0, 0.0
     while True:
-        body = _counts(client, job_id)
+        body = dataset_status(client, job_id)
         now = time.perf_counter()
         done = body["counts"]["finished"]
         if done != finished:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from shared.errors import ProCropError, shorten
 
 POLL_S = 1.0
+PATIENCE_S = 120.0  # how long a status poll rides out a gateway that is away or answers 5xx
 
 
 def _api_key() -> str:
@@ -58,10 +59,30 @@ def submit_dataset(url: str, params: Any, run: str | None, out: str | None) -> d
         return status
 
 
+def dataset_status(
+    client: httpx.Client, job_id: str, patience_s: float = PATIENCE_S
+) -> dict[str, Any]:
+    """GET /v1/datasets/{job_id}. A gateway that cannot be reached or answers 5xx (restarting,
+    or waiting out its Redis) is asked again every POLL_S for up to `patience_s`, then a
+    ProCropError says why; a 4xx answer raises at once."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            answer = client.get(f"/v1/datasets/{job_id}")
+            if answer.status_code < 500:
+                return dict(_check(answer))
+            problem = f"gateway answered {answer.status_code}"
+        except httpx.HTTPError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            raise ProCropError(f"no status of run {job_id} for {patience_s:.0f} s ({problem})")
+        time.sleep(POLL_S)
+
+
 def _follow(client: httpx.Client, job_id: str) -> dict[str, Any]:
     with tqdm(total=0, unit="item", file=sys.stderr, dynamic_ncols=True) as bar:
         while True:
-            status: dict[str, Any] = _check(client.get(f"/v1/datasets/{job_id}"))
+            status = dataset_status(client, job_id)
             counts = status["counts"]
             bar.total = counts["planned"]
             bar.n = counts["finished"]

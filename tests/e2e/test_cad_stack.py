@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from procrop.remote import dataset_status
 from shared.annotations import load_jsonl
 from shared.settings import load_settings
 from shared.storage import build_object_store
@@ -88,15 +89,7 @@ def client(stack: dict[str, Any]) -> Iterator[httpx.Client]:
 
 
 def _status(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    for _ in range(60):  # the gateway itself may be waiting out a Redis restart
-        try:
-            answer = client.get(f"/v1/datasets/{job_id}")
-            if answer.status_code == 200:
-                return dict(answer.json())
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"no status for {job_id}")
+    return dataset_status(client, job_id, patience_s=60)  # the gateway may wait out Redis
 
 
 def _wait(client: httpx.Client, job_id: str, timeout_s: float = 240) -> dict[str, Any]:
@@ -155,6 +148,22 @@ def test_a_run_of_20_photos_on_the_stack(client: httpx.Client, store: Any, tmp_p
     answer = client.post("/v1/datasets", json={"source": "pro/cq20/", "variants": 2, "seed": 1})
     assert answer.status_code == 202, answer.text
     _check_run(client, store, _wait(client, answer.json()["job_id"]), tmp_path)
+
+
+def test_procrop_cad_submits_to_the_gateway_and_follows_the_run(
+    stack: dict[str, Any], store: Any, tmp_path: Path
+) -> None:
+    done = _procrop(
+        stack["home"], "cad", "pro/cq20/", "--gateway", stack["gateway"], "--variants", "1",
+        "--limit", "3", "--seed", "4", "--out", str(tmp_path / "out"),
+        env={"PROCROP_API_KEY": KEY},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["status"] == "succeeded" and status["counts"]["finished"] == 3
+    assert json.loads((tmp_path / "out" / "status.json").read_text()) == status
+    lines = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["photo"] for line in lines) == [p.name for p in PHOTOS[:3]]
 
 
 def test_a_run_survives_a_killed_worker_a_redis_restart_and_a_paused_s3(
