@@ -110,9 +110,9 @@ def stalled_jobs(jobs: JobStore, after_s: float, now: float | None = None) -> It
             continue
         raw = {_text(k): _text(v) for k, v in jobs.redis.hgetall(name).items()}
         kind, status = raw.get("kind"), raw.get("status", "queued")
-        if kind not in ("crop", "dataset") or status in TERMINAL - {"cancelled"}:
+        if kind not in ("crop", "dataset"):
             continue
-        if status == "cancelled" and kind == "crop":
+        if status in TERMINAL and (kind, status) != ("dataset", "cancelled"):
             continue
         job = Job.from_hash(job_id, raw)
         if now - job.updated >= after_s:
